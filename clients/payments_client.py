@@ -1,0 +1,123 @@
+"""A thin, typed wrapper over the generated stubs that adds the bearer token and idempotency keys.
+
+    client = PaymentsClient("127.0.0.1:50051", token)
+    client.upsert_organisation(7, "Bridge Club")
+    client.pay(member_id=1, organisation_id=7, amount_cents=1500, description="Entry")
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import grpc
+
+from cobalt.payments.v1 import payments_pb2 as pb
+from cobalt.payments.v1 import payments_pb2_grpc as pb_grpc
+
+
+def new_idempotency_key() -> str:
+    return uuid.uuid4().hex
+
+
+def account(member_id: int | None = None, organisation_id: int | None = None) -> pb.AccountRef:
+    if (member_id is None) == (organisation_id is None):
+        raise ValueError("give exactly one of member_id and organisation_id")
+    return pb.AccountRef(member_id=member_id) if member_id is not None else pb.AccountRef(organisation_id=organisation_id)
+
+
+class PaymentsClient:
+    def __init__(self, target: str, token: str, *, channel: grpc.Channel | None = None, timeout_s: float = 30.0):
+        self.channel = channel or grpc.insecure_channel(target)
+        self.stub = pb_grpc.PaymentsServiceStub(self.channel)
+        self._metadata = (("authorization", f"Bearer {token}"),)
+        self.timeout_s = timeout_s
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "PaymentsClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def call(self, method: str, request, *, with_call: bool = False):  # noqa: ANN001
+        """Any RPC by name with the token attached; with_call=True also returns the grpc.Call."""
+        fn = getattr(self.stub, method)
+        if with_call:
+            return fn.with_call(request, metadata=self._metadata, timeout=self.timeout_s)
+        return fn(request, metadata=self._metadata, timeout=self.timeout_s)
+
+    def stream(self, method: str, request, timeout_s: float | None = None) -> Iterator:  # noqa: ANN001
+        return getattr(self.stub, method)(request, metadata=self._metadata, timeout=timeout_s)
+
+    # ---- members and applications
+    def pay(self, member_id: int, amount_cents: int, *, organisation_id: int | None = None,
+            other_member_id: int | None = None, description: str = "", payment_type: int = 0,
+            route_code: str = "", route_payload: str = "", event_id: int = 0, session_id: int = 0,
+            ensure_funds_only: bool = False, idempotency_key: str | None = None) -> pb.PayResponse:
+        req = pb.PayRequest(
+            idempotency_key=idempotency_key or new_idempotency_key(), member_id=member_id, amount_cents=amount_cents,
+            description=description, payment_type=payment_type, route_code=route_code, route_payload=route_payload,
+            event_id=event_id, session_id=session_id, ensure_funds_only=ensure_funds_only,
+        )
+        if organisation_id is not None:
+            req.organisation_id = organisation_id
+        if other_member_id is not None:
+            req.other_member_id = other_member_id
+        return self.call("Pay", req)
+
+    def get_balance(self, member_id: int | None = None, organisation_id: int | None = None) -> pb.GetBalanceResponse:
+        return self.call("GetBalance", pb.GetBalanceRequest(account=account(member_id, organisation_id)))
+
+    def balance_cents(self, member_id: int | None = None, organisation_id: int | None = None) -> int:
+        return self.get_balance(member_id, organisation_id).balance_cents
+
+    def get_statement(self, member_id: int | None = None, organisation_id: int | None = None, *,
+                      page_size: int = 0, page_token: str = "", start=None, end=None) -> pb.GetStatementResponse:  # noqa: ANN001
+        req = pb.GetStatementRequest(account=account(member_id, organisation_id), page_size=page_size,
+                                     page_token=page_token)
+        if start is not None:
+            getattr(req, "from").FromDatetime(start)
+        if end is not None:
+            req.to.FromDatetime(end)
+        return self.call("GetStatement", req)
+
+    def export_statement(self, member_id: int | None = None, organisation_id: int | None = None, *,
+                         start=None, end=None) -> bytes:  # noqa: ANN001
+        req = pb.ExportStatementRequest(account=account(member_id, organisation_id))
+        if start is not None:
+            getattr(req, "from").FromDatetime(start)
+        if end is not None:
+            req.to.FromDatetime(end)
+        return b"".join(chunk.data for chunk in self.stream("ExportStatement", req, self.timeout_s))
+
+    def transfer(self, to_member_id: int, amount_cents: int, *, from_member_id: int | None = None,
+                 from_organisation_id: int | None = None, description: str = "",
+                 idempotency_key: str | None = None) -> pb.TransferResponse:
+        req = pb.TransferRequest(idempotency_key=idempotency_key or new_idempotency_key(), to_member_id=to_member_id,
+                                 amount_cents=amount_cents, description=description)
+        getattr(req, "from").CopyFrom(account(from_member_id, from_organisation_id))
+        return self.call("Transfer", req)
+
+    # ---- administrators
+    def adjust(self, amount_cents: int, description: str, *, member_id: int | None = None,
+               organisation_id: int | None = None, idempotency_key: str | None = None) -> pb.AdjustResponse:
+        return self.call("Adjust", pb.AdjustRequest(
+            idempotency_key=idempotency_key or new_idempotency_key(), account=account(member_id, organisation_id),
+            amount_cents=amount_cents, description=description))
+
+    def upsert_member(self, member_id: int, name: str = "", *, idempotency_key: str | None = None) -> pb.Member:
+        return self.call("UpsertMember", pb.UpsertMemberRequest(
+            idempotency_key=idempotency_key or new_idempotency_key(), member_id=member_id, name=name))
+
+    def upsert_organisation(self, organisation_id: int, name: str, *, bsb: str = "", account_number: str = "",
+                            minimum_balance_cents: int = 0, settlement_fee_bp: int | None = None,
+                            idempotency_key: str | None = None) -> pb.Organisation:
+        req = pb.UpsertOrganisationRequest(
+            idempotency_key=idempotency_key or new_idempotency_key(), organisation_id=organisation_id, name=name,
+            bsb=bsb, account_number=account_number, minimum_balance_cents=minimum_balance_cents)
+        if settlement_fee_bp is not None:
+            req.settlement_fee_bp = settlement_fee_bp
+        return self.call("UpsertOrganisation", req)

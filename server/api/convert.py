@@ -1,0 +1,80 @@
+"""proto ↔ domain conversions shared by the servicer mixins."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from cobalt.payments.v1 import payments_pb2 as pb
+from server.domain.errors import InvalidArgument
+from server.domain.types import (
+    AccountKind,
+    PostingType,
+    SystemAccount,
+    member_account,
+    organisation_account,
+    split_account_id,
+)
+
+
+def account_id_of(ref: pb.AccountRef, field: str = "account") -> int:
+    which = ref.WhichOneof("account")
+    if which == "member_id":
+        if ref.member_id <= 0:
+            raise InvalidArgument.field(f"{field}.member_id", "must be a positive id")
+        return member_account(ref.member_id)
+    if which == "organisation_id":
+        if ref.organisation_id <= 0:
+            raise InvalidArgument.field(f"{field}.organisation_id", "must be a positive id")
+        return organisation_account(ref.organisation_id)
+    raise InvalidArgument.field(field, "set member_id or organisation_id")
+
+
+def account_ref(acct_id: int) -> pb.AccountRef:
+    kind, ext = split_account_id(acct_id)
+    if kind == AccountKind.MEMBER:
+        return pb.AccountRef(member_id=ext)
+    return pb.AccountRef(organisation_id=ext)
+
+
+def counterparty(acct_id: int | None, name: str) -> pb.Counterparty | None:
+    if acct_id is None:
+        return None
+    kind, ext = split_account_id(acct_id)
+    if kind == AccountKind.MEMBER:
+        return pb.Counterparty(member_id=ext, name=name)
+    if kind == AccountKind.ORGANISATION:
+        return pb.Counterparty(organisation_id=ext, name=name)
+    return pb.Counterparty(system_account=SystemAccount(ext).code, name=name or SystemAccount(ext).code)
+
+
+def posting_type(value: int) -> PostingType:
+    if value == pb.PAYMENT_TYPE_UNSPECIFIED:
+        return PostingType.MISCELLANEOUS
+    try:
+        return PostingType(pb.PaymentType.Name(value))
+    except ValueError as exc:
+        raise InvalidArgument.field("payment_type", f"unknown payment type {value}") from exc
+
+
+def payment_type_pb(t: PostingType) -> int:
+    return pb.PaymentType.Value(t.value)
+
+
+def timestamp(value: datetime | None) -> Timestamp | None:
+    if value is None:
+        return None
+    ts = Timestamp()
+    ts.FromDatetime(value.astimezone(timezone.utc))
+    return ts
+
+
+def optional_time(msg, field: str) -> datetime | None:  # noqa: ANN001
+    if not msg.HasField(field):
+        return None
+    return getattr(msg, field).ToDatetime(tzinfo=timezone.utc)
+
+
+def zero_to_none(value: int) -> int | None:
+    return value or None

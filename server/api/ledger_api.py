@@ -1,0 +1,224 @@
+"""Servicer methods for the balance path: Pay, balances, statements, transfers, adjustments and
+registration. Each translates proto → command → service → proto; no business rule lives here."""
+
+from __future__ import annotations
+
+from cobalt.payments.v1 import payments_pb2 as pb
+from server.api import convert
+from server.api.base import ApiBase
+from server.domain.errors import InsufficientFunds
+from server.services import accounts, adjust, pay, statements, transfer
+
+
+class LedgerApi(ApiBase):
+    # ---------------------------------------------------------------- Pay
+    def pay_command(self, request: pb.PayRequest) -> pay.PayCommand:
+        payee = request.WhichOneof("payee")
+        return pay.PayCommand(
+            principal=self.principal().name,
+            member_id=request.member_id,
+            amount_cents=request.amount_cents,
+            organisation_id=request.organisation_id if payee == "organisation_id" else None,
+            other_member_id=request.other_member_id if payee == "other_member_id" else None,
+            description=request.description,
+            payment_type=convert.posting_type(request.payment_type),
+            route_code=request.route_code,
+            route_payload=request.route_payload,
+            event_id=convert.zero_to_none(request.event_id),
+            session_id=convert.zero_to_none(request.session_id),
+            ensure_funds_only=request.ensure_funds_only,
+        ).validated()
+
+    @staticmethod
+    def pay_response(result: pay.PayResult) -> pb.PayResponse:
+        return pb.PayResponse(
+            status=pb.SUCCEEDED,
+            payment_id=result.payment_id,
+            balance_cents=result.balance_cents,
+            topped_up_cents=result.topped_up_cents,
+            reference=result.reference,
+        )
+
+    async def Pay(self, request: pb.PayRequest, context) -> pb.PayResponse:  # noqa: ANN001, N802
+        cmd = self.pay_command(request)
+        outcome: dict = {}
+
+        def work(conn):  # noqa: ANN001, ANN202
+            result = pay.pay_from_balance(conn, cmd)
+            outcome["result"] = result
+            return self.pay_response(result)
+
+        try:
+            response = await self.mutate(context, "Pay", request, pb.PayResponse, work)
+        except InsufficientFunds as short:
+            return await self.pay_when_short(context, request, cmd, short)
+        if "result" in outcome and outcome["result"].needs_auto_top_up:
+            await self.after_payment_top_up(cmd.member_id)
+        return response
+
+    async def pay_when_short(self, context, request: pb.PayRequest, cmd: pay.PayCommand,  # noqa: ANN001
+                             short: InsufficientFunds) -> pb.PayResponse:
+        """The balance does not cover the payment. The card paths (auto top-up, or a card
+        payment for the shortfall) take over here when Stripe is configured."""
+        raise short
+
+    async def after_payment_top_up(self, member_id: int) -> None:
+        """A payment left a member with auto top-up ON below the low limit (card paths)."""
+
+    # ---------------------------------------------------------------- balances and statements
+    async def GetBalance(self, request: pb.GetBalanceRequest, context) -> pb.GetBalanceResponse:  # noqa: ANN001, N802
+        acct = convert.account_id_of(request.account)
+        bal = await self.read(lambda conn: accounts.get_balance(conn, acct))
+        return pb.GetBalanceResponse(
+            account=request.account,
+            balance_cents=bal.balance_cents,
+            auto_top_up_status=int(bal.auto_top_up_status),
+            auto_top_up_amount_cents=bal.auto_top_up_amount_cents,
+            last_movement_at=convert.timestamp(bal.last_movement_at),
+            name=bal.name,
+        )
+
+    async def GetStatement(self, request: pb.GetStatementRequest, context) -> pb.GetStatementResponse:  # noqa: ANN001, N802
+        acct = convert.account_id_of(request.account)
+        start, end = convert.optional_time(request, "from"), convert.optional_time(request, "to")
+        page = await self.read(
+            lambda conn: statements.get_statement(conn, acct, start, end, request.page_size, request.page_token)
+        )
+        return pb.GetStatementResponse(
+            lines=[
+                pb.StatementLine(
+                    reference=line.reference,
+                    time=convert.timestamp(line.time),
+                    type=convert.payment_type_pb(line.type),
+                    type_name=line.type.display_name,
+                    description=line.description,
+                    amount_cents=line.amount_cents,
+                    balance_after_cents=line.balance_after_cents,
+                    counterparty=convert.counterparty(line.counterparty_account_id, line.counterparty_name),
+                    payment_id=line.payment_id,
+                    event_id=line.event_id,
+                    session_id=line.session_id,
+                )
+                for line in page.lines
+            ],
+            opening_balance_cents=page.opening_balance_cents,
+            closing_balance_cents=page.closing_balance_cents,
+            next_page_token=page.next_page_token,
+            name=page.name,
+        )
+
+    async def ExportStatement(self, request: pb.ExportStatementRequest, context):  # noqa: ANN001, N802
+        acct = convert.account_id_of(request.account)
+        start, end = convert.optional_time(request, "from"), convert.optional_time(request, "to")
+        tz = self.settings.timezone
+        # One read transaction, so the export is one consistent snapshot; chunks are pulled
+        # from the pool thread one at a time.
+        conn = await self.in_thread(self.db.engine.connect)
+        try:
+            chunks = statements.export_csv(conn, acct, start, end, tz)
+            while True:
+                chunk = await self.in_thread(lambda: next(chunks, None))
+                if chunk is None:
+                    return
+                yield pb.CsvChunk(data=chunk)
+        finally:
+            await self.in_thread(conn.close)
+
+    # ---------------------------------------------------------------- transfers and adjustments
+    def transfer_command(self, request: pb.TransferRequest) -> transfer.TransferCommand:
+        source = request.WhichOneof("from") if request.HasField("from") else None
+        ref = getattr(request, "from")
+        which = ref.WhichOneof("account") if source else None
+        return transfer.TransferCommand(
+            principal=self.principal().name,
+            is_admin=self.principal().is_admin,
+            to_member_id=request.to_member_id,
+            amount_cents=request.amount_cents,
+            description=request.description,
+            from_member_id=ref.member_id if which == "member_id" else None,
+            from_organisation_id=ref.organisation_id if which == "organisation_id" else None,
+        ).validated()
+
+    @staticmethod
+    def transfer_response(result: transfer.TransferResult) -> pb.TransferResponse:
+        return pb.TransferResponse(
+            transfer_id=result.transfer_id,
+            from_balance_cents=result.from_balance_cents,
+            to_balance_cents=result.to_balance_cents,
+            topped_up_cents=result.topped_up_cents,
+            reference=result.reference,
+        )
+
+    async def Transfer(self, request: pb.TransferRequest, context) -> pb.TransferResponse:  # noqa: ANN001, N802
+        cmd = self.transfer_command(request)
+        outcome: dict = {}
+
+        def work(conn):  # noqa: ANN001, ANN202
+            result = transfer.transfer(conn, cmd)
+            outcome["result"] = result
+            return self.transfer_response(result)
+
+        try:
+            response = await self.mutate(context, "Transfer", request, pb.TransferResponse, work)
+        except InsufficientFunds as short:
+            return await self.transfer_when_short(context, request, cmd, short)
+        if "result" in outcome and outcome["result"].needs_auto_top_up and cmd.from_member_id:
+            await self.after_payment_top_up(cmd.from_member_id)
+        return response
+
+    async def transfer_when_short(self, context, request: pb.TransferRequest,  # noqa: ANN001
+                                  cmd: transfer.TransferCommand, short: InsufficientFunds) -> pb.TransferResponse:
+        raise short
+
+    async def Adjust(self, request: pb.AdjustRequest, context) -> pb.AdjustResponse:  # noqa: ANN001, N802
+        cmd = adjust.AdjustCommand(
+            principal=self.principal().name,
+            account_id=convert.account_id_of(request.account),
+            amount_cents=request.amount_cents,
+            description=request.description,
+        ).validated()
+
+        def work(conn):  # noqa: ANN001, ANN202
+            result = adjust.adjust(conn, cmd)
+            return pb.AdjustResponse(
+                adjustment_id=result.adjustment_id,
+                balance_cents=result.balance_cents,
+                balance_negative=result.balance_negative,
+                reference=result.reference,
+            )
+
+        return await self.mutate(context, "Adjust", request, pb.AdjustResponse, work)
+
+    # ---------------------------------------------------------------- registration
+    async def UpsertMember(self, request: pb.UpsertMemberRequest, context) -> pb.Member:  # noqa: ANN001, N802
+        def work(conn):  # noqa: ANN001, ANN202
+            member_id, name, balance = accounts.upsert_member(conn, request.member_id, request.name)
+            return pb.Member(member_id=member_id, name=name, balance_cents=balance)
+
+        return await self.mutate(context, "UpsertMember", request, pb.Member, work)
+
+    @staticmethod
+    def organisation_pb(org: accounts.Organisation) -> pb.Organisation:
+        msg = pb.Organisation(
+            organisation_id=org.organisation_id,
+            name=org.name,
+            bsb=org.bsb,
+            account_number=org.account_number,
+            minimum_balance_cents=org.minimum_balance_cents,
+            balance_cents=org.balance_cents,
+        )
+        if org.settlement_fee_bp is not None:
+            msg.settlement_fee_bp = org.settlement_fee_bp
+        return msg
+
+    async def UpsertOrganisation(self, request: pb.UpsertOrganisationRequest, context) -> pb.Organisation:  # noqa: ANN001, N802
+        fee_bp = request.settlement_fee_bp if request.HasField("settlement_fee_bp") else None
+
+        def work(conn):  # noqa: ANN001, ANN202
+            org = accounts.upsert_organisation(conn, request.organisation_id, request.name, request.bsb,
+                                               request.account_number, request.minimum_balance_cents, fee_bp)
+            return self.organisation_pb(org)
+
+        return await self.mutate(context, "UpsertOrganisation", request, pb.Organisation, work)
+
+

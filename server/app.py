@@ -1,0 +1,108 @@
+"""Assemble and run the gRPC server: grpc.aio, database work in a thread pool, health and
+reflection, graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from cobalt.payments.v1 import payments_pb2, payments_pb2_grpc
+from server.api.auth import Authenticator
+from server.api.interceptors import ServiceInterceptor
+from server.api.servicer import PaymentsServicer
+from server.config import Settings
+from server.ledger import migrate
+from server.ledger.db import Database
+
+SERVICE_NAME = payments_pb2.DESCRIPTOR.services_by_name["PaymentsService"].full_name
+log = structlog.get_logger("payments.server")
+
+
+def configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(),
+        ],
+        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        cache_logger_on_first_use=True,
+    )
+
+
+class PaymentsServer:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.db = Database.from_url(settings.database_url, pool_size=settings.db_pool_size)
+        self.executor = ThreadPoolExecutor(max_workers=settings.db_threads, thread_name_prefix="db")
+        self.servicer = PaymentsServicer(settings, self.db, self.executor)
+        self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> int:
+        migrate.upgrade(self.db.engine)
+        server = grpc.aio.server(
+            interceptors=[ServiceInterceptor(Authenticator(self.settings.auth_tokens))],
+            options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 * 1024 * 1024)],
+        )
+        payments_pb2_grpc.add_PaymentsServiceServicer_to_server(self.servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        self.port = server.add_insecure_port(self.settings.grpc_addr)
+        if self.port == 0:
+            raise SystemExit(f"cannot listen on {self.settings.grpc_addr}")
+        await server.start()
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self.server = server
+        await self.servicer.on_server_start()
+        log.info("serving", addr=self.settings.grpc_addr, port=self.port, database=self.db.engine.dialect.name)
+        return self.port
+
+    async def _set_health(self, status: int) -> None:
+        for name in ("", SERVICE_NAME):
+            result = self.health.set(name, status)
+            if asyncio.iscoroutine(result):
+                await result
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        if self.server is None:
+            return
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.servicer.on_server_stop()
+        await self.server.stop(self.settings.shutdown_grace_s if grace_s is None else grace_s)
+        self.server = None
+        self.executor.shutdown(wait=True)
+        self.db.dispose()
+        log.info("stopped")
+
+    async def serve_forever(self) -> None:
+        await self.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await self.stop()
+
+
+def main() -> None:
+    configure_logging()
+    settings = Settings.from_env()
+    try:
+        Authenticator(settings.auth_tokens)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from exc
+    if not settings.auth_tokens:
+        log.warning("PAYMENTS_AUTH_TOKENS is empty: every call will be refused")
+    asyncio.run(PaymentsServer(settings).serve_forever())

@@ -1,0 +1,54 @@
+"""Configuration from environment variables (documented in the README)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+
+def _int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError as exc:  # a bad setting must stop the start, loudly
+        raise SystemExit(f"{name} must be an integer, got {raw!r}") from exc
+
+
+DEFAULT_SQLITE_URL = "sqlite:///./var/payments.db"
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str = DEFAULT_SQLITE_URL
+    grpc_addr: str = "127.0.0.1:50051"
+    auth_tokens: str = ""
+    currency: str = "aud"
+    timezone: str = "Australia/Sydney"
+    stripe_secret_key: str = ""
+    stripe_api_base: str = ""
+    stripe_webhook_secret: str = ""
+    db_pool_size: int = 16
+    db_threads: int = 16
+    event_retention_days: int = 30
+    shutdown_grace_s: int = 5
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls) -> "Settings":
+        env = os.environ
+        return cls(
+            database_url=env.get("PAYMENTS_DATABASE_URL") or DEFAULT_SQLITE_URL,
+            grpc_addr=env.get("PAYMENTS_GRPC_ADDR") or "127.0.0.1:50051",
+            auth_tokens=env.get("PAYMENTS_AUTH_TOKENS", ""),
+            currency=env.get("PAYMENTS_CURRENCY") or "aud",
+            timezone=env.get("PAYMENTS_TIMEZONE") or "Australia/Sydney",
+            stripe_secret_key=env.get("STRIPE_SECRET_KEY", ""),
+            stripe_api_base=env.get("STRIPE_API_BASE", ""),
+            stripe_webhook_secret=env.get("STRIPE_WEBHOOK_SECRET", ""),
+            db_pool_size=_int("PAYMENTS_DB_POOL_SIZE", 16),
+            db_threads=_int("PAYMENTS_DB_THREADS", 16),
+            event_retention_days=_int("PAYMENTS_EVENT_RETENTION_DAYS", 30),
+            shutdown_grace_s=_int("PAYMENTS_SHUTDOWN_GRACE_S", 5),
+        )

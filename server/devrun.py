@@ -1,0 +1,57 @@
+"""`make run`: migrate the SQLite default, create dev tokens once, print how to call, serve."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+from pathlib import Path
+
+TOKENS_FILE = Path(".dev-tokens")
+
+
+def dev_tokens() -> str:
+    """Dev tokens, created once and kept in an ignored local file (never printed to logs)."""
+    if TOKENS_FILE.exists():
+        return TOKENS_FILE.read_text().strip()
+    spec = ",".join(
+        f"{secrets.token_urlsafe(24)}={name}:{role}"
+        for name, role in (("dev-app", "app"), ("dev-admin", "admin"), ("dev-bridge", "stripe-bridge"))
+    )
+    TOKENS_FILE.write_text(spec + "\n")
+    TOKENS_FILE.chmod(0o600)
+    return spec
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="run Cobalt Payments locally")
+    parser.add_argument("--local-stripe", action="store_true", help="also start localstripe and the webhook bridge")
+    args = parser.parse_args()
+    if not os.environ.get("PAYMENTS_AUTH_TOKENS"):
+        os.environ["PAYMENTS_AUTH_TOKENS"] = dev_tokens()
+        by_role = {entry.split("=")[1].split(":")[1]: entry.split("=")[0]
+                   for entry in os.environ["PAYMENTS_AUTH_TOKENS"].split(",")}
+        addr = os.environ.get("PAYMENTS_GRPC_ADDR", "127.0.0.1:50051")
+        print(f"""
+Cobalt Payments (development) on {addr}, database {os.environ.get('PAYMENTS_DATABASE_URL', 'sqlite:///./var/payments.db')}
+Dev tokens are in {TOKENS_FILE} (git-ignored). Try:
+
+  export ADMIN_TOKEN=$(sed 's/.*,\\?\\([^=,]*\\)=dev-admin:admin.*/\\1/' {TOKENS_FILE})
+  npx buf curl --protocol grpc --http2-prior-knowledge -H "authorization: Bearer $ADMIN_TOKEN" \\
+      -d '{{"account": {{"member_id": 1}}}}' http://{addr}/cobalt.payments.v1.PaymentsService/GetBalance
+  PAYMENTS_TOKEN=$ADMIN_TOKEN .venv/bin/payments-admin balance --member 1
+
+Roles: app, admin ({len(by_role)} tokens). Ctrl-C stops.
+""", flush=True)
+    if args.local_stripe:
+        from server.localdev import run_with_local_stripe
+
+        run_with_local_stripe()
+        return
+    from server.app import main as serve
+
+    serve()
+
+
+if __name__ == "__main__":
+    main()

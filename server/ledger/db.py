@@ -1,0 +1,136 @@
+"""Engine, unit of work and retries. SQLite by default, PostgreSQL in production."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TypeVar
+
+from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from server.domain.errors import Aborted, Unavailable
+
+T = TypeVar("T")
+
+MAX_RETRIES = 8  # conflicts (deadlock, serialization, SQLite busy) retried at most this often
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes: they are UTC."""
+    if value is None:
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+def is_sqlite(url: str) -> bool:
+    return url.startswith("sqlite")
+
+
+def make_engine(url: str, *, pool_size: int = 16) -> Engine:
+    if is_sqlite(url):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        _sqlite_tuning(engine)
+        return engine
+    return create_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=False,
+        pool_recycle=1800,
+        isolation_level="READ COMMITTED",
+    )
+
+
+def _sqlite_tuning(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record):  # noqa: ANN001
+        dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=FULL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn):  # noqa: ANN001
+        # Take the write lock up front: no read-then-upgrade deadlocks between writers.
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _is_retryable(exc: DBAPIError) -> bool:
+    code = getattr(exc.orig, "pgcode", None)
+    if code in ("40001", "40P01", "55P03"):
+        return True
+    if isinstance(exc, OperationalError):
+        text = str(exc.orig).lower()
+        return "database is locked" in text or "busy" in text
+    return False
+
+
+def _is_unavailable(exc: DBAPIError) -> bool:
+    if exc.connection_invalidated:
+        return True
+    code = getattr(exc.orig, "pgcode", None)
+    if code is None and isinstance(exc, OperationalError):
+        text = str(exc.orig).lower()
+        return any(s in text for s in ("could not connect", "connection refused", "server closed", "terminating"))
+    return code is not None and code.startswith("08")
+
+
+class Database:
+    """The unit of work: `db.run(fn)` runs fn(conn) in one transaction, retried on conflicts."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.is_sqlite = engine.dialect.name == "sqlite"
+
+    @classmethod
+    def from_url(cls, url: str, *, pool_size: int = 16) -> "Database":
+        return cls(make_engine(url, pool_size=pool_size))
+
+    @contextlib.contextmanager
+    def connect(self) -> Iterator[Connection]:
+        with self.engine.connect() as conn:
+            yield conn
+
+    def run(self, fn: Callable[[Connection], T], *, retries: int = MAX_RETRIES) -> T:
+        attempt = 0
+        while True:
+            try:
+                with self.engine.begin() as conn:
+                    return fn(conn)
+            except DBAPIError as exc:
+                if _is_retryable(exc) and attempt < retries:
+                    attempt += 1
+                    time.sleep(random.uniform(0, 0.002 * 2**attempt))
+                    continue
+                if _is_retryable(exc):
+                    raise Aborted("the request conflicted with others too often; retry it") from exc
+                if _is_unavailable(exc):
+                    raise Unavailable("the database is unavailable") from exc
+                raise
+
+    def read(self, fn: Callable[[Connection], T]) -> T:
+        try:
+            with self.engine.connect() as conn:
+                return fn(conn)
+        except DBAPIError as exc:
+            if _is_unavailable(exc):
+                raise Unavailable("the database is unavailable") from exc
+            raise
+
+    def dispose(self) -> None:
+        self.engine.dispose()

@@ -1,0 +1,54 @@
+"""Idempotency records (SPEC §3): the first request with a key runs and its response is stored,
+in the same transaction as its effect, with a hash of the request; a retry of the same request
+gets the stored response; the same key with another request is refused. Keys are per principal."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from sqlalchemy import Connection, insert, select
+
+from server.domain.errors import AlreadyExists, InvalidArgument
+from server.domain.money import MAX_IDEMPOTENCY_KEY_CHARS
+from server.ledger.db import utcnow
+from server.ledger.schema import idempotency_keys
+
+
+def request_hash(method: str, request_bytes: bytes) -> str:
+    return hashlib.sha256(method.encode() + b"\0" + request_bytes).hexdigest()
+
+
+def check_key(key: str) -> None:
+    if not key:
+        raise InvalidArgument.field("idempotency_key", "is required (1-255 characters)")
+    if len(key) > MAX_IDEMPOTENCY_KEY_CHARS:
+        raise InvalidArgument.field("idempotency_key", f"is longer than {MAX_IDEMPOTENCY_KEY_CHARS} characters")
+
+
+@dataclass(frozen=True)
+class Stored:
+    response: bytes
+
+
+def lookup(conn: Connection, principal: str, key: str, method: str, req_hash: str) -> Stored | None:
+    row = conn.execute(
+        select(idempotency_keys.c.method, idempotency_keys.c.request_hash, idempotency_keys.c.response).where(
+            idempotency_keys.c.principal == principal, idempotency_keys.c.key == key
+        )
+    ).first()
+    if row is None:
+        return None
+    if row.method != method or row.request_hash != req_hash:
+        raise AlreadyExists(
+            f"idempotency key {key!r} was already used for a different request ({row.method}); use a new key"
+        )
+    return Stored(bytes(row.response))
+
+
+def record(conn: Connection, principal: str, key: str, method: str, req_hash: str, response: bytes) -> None:
+    conn.execute(
+        insert(idempotency_keys).values(
+            principal=principal, key=key, method=method, request_hash=req_hash, response=response, created_at=utcnow()
+        )
+    )

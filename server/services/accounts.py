@@ -1,0 +1,135 @@
+"""Members and organisations: registration, names, bank details and balances."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import Connection, select, update
+
+from server.domain import validation
+from server.domain.errors import InvalidArgument, NotFound
+from server.domain.money import MAX_AMOUNT_CENTS, MAX_FEE_BP, MAX_NAME_CHARS
+from server.domain.types import AccountKind, AutoTopUpStatus, member_account, organisation_account, split_account_id
+from server.ledger.db import as_utc, utcnow
+from server.ledger.ledger import _insert_ignore, ensure_account
+from server.ledger.schema import accounts, member_cards, organisations
+
+_BSB = re.compile(r"^\d{3}-?\d{3}$")
+_ACCOUNT_NUMBER = re.compile(r"^\d{4,10}$")
+
+
+@dataclass(frozen=True)
+class Organisation:
+    organisation_id: int
+    name: str
+    bsb: str
+    account_number: str
+    minimum_balance_cents: int
+    settlement_fee_bp: int | None
+    balance_cents: int
+
+
+@dataclass(frozen=True)
+class Balance:
+    account_id: int
+    name: str
+    balance_cents: int
+    last_movement_at: datetime | None
+    auto_top_up_status: AutoTopUpStatus
+    auto_top_up_amount_cents: int
+
+
+def upsert_member(conn: Connection, member_id: int, name: str) -> tuple[int, str, int]:
+    validation.positive_id("member_id", member_id)
+    name = validation.bounded_text("name", name, MAX_NAME_CHARS)
+    acct = member_account(member_id)
+    ensure_account(conn, acct, name)
+    balance = conn.execute(
+        update(accounts).where(accounts.c.id == acct).values(name=name).returning(accounts.c.balance_cents)
+    ).scalar_one()
+    return member_id, name, balance
+
+
+def upsert_organisation(
+    conn: Connection,
+    organisation_id: int,
+    name: str,
+    bsb: str,
+    account_number: str,
+    minimum_balance_cents: int,
+    settlement_fee_bp: int | None,
+) -> Organisation:
+    validation.positive_id("organisation_id", organisation_id)
+    name = validation.bounded_text("name", name, MAX_NAME_CHARS, required=True)
+    bsb = bsb.strip()
+    if bsb and not _BSB.match(bsb):
+        raise InvalidArgument.field("bsb", "must be six digits, as 123-456")
+    if bsb and "-" not in bsb:
+        bsb = f"{bsb[:3]}-{bsb[3:]}"
+    account_number = account_number.strip().replace(" ", "")
+    if account_number and not _ACCOUNT_NUMBER.match(account_number):
+        raise InvalidArgument.field("account_number", "must be 4 to 10 digits")
+    if not 0 <= minimum_balance_cents <= MAX_AMOUNT_CENTS:
+        raise InvalidArgument.field("minimum_balance_cents", "must be between 0 and the amount limit")
+    if settlement_fee_bp is not None and not 0 <= settlement_fee_bp <= MAX_FEE_BP:
+        raise InvalidArgument.field("settlement_fee_bp", f"must be between 0 and {MAX_FEE_BP}")
+    now = utcnow()
+    values = dict(
+        name=name,
+        bsb=bsb,
+        account_number=account_number,
+        minimum_balance_cents=minimum_balance_cents,
+        settlement_fee_bp=settlement_fee_bp,
+        updated_at=now,
+    )
+    stmt = _insert_ignore(conn)(organisations).values(organisation_id=organisation_id, created_at=now, **values)
+    conn.execute(stmt.on_conflict_do_update(index_elements=["organisation_id"], set_=values))
+    acct = organisation_account(organisation_id)
+    ensure_account(conn, acct, name)
+    balance = conn.execute(
+        update(accounts).where(accounts.c.id == acct).values(name=name).returning(accounts.c.balance_cents)
+    ).scalar_one()
+    return Organisation(organisation_id, name, bsb, account_number, minimum_balance_cents, settlement_fee_bp, balance)
+
+
+def get_organisation(conn: Connection, organisation_id: int) -> Organisation:
+    row = conn.execute(
+        select(organisations, accounts.c.balance_cents)
+        .join(accounts, accounts.c.id == organisation_account(organisation_id))
+        .where(organisations.c.organisation_id == organisation_id)
+    ).first()
+    if row is None:
+        raise NotFound(f"organisation {organisation_id} is not registered")
+    return Organisation(row.organisation_id, row.name, row.bsb, row.account_number, row.minimum_balance_cents,
+                        row.settlement_fee_bp, row.balance_cents)
+
+
+def require_account(conn: Connection, acct_id: int) -> None:
+    """Organisations must be registered; members exist from first use."""
+    kind, ext = split_account_id(acct_id)
+    if kind == AccountKind.ORGANISATION:
+        exists = conn.execute(select(accounts.c.id).where(accounts.c.id == acct_id)).first()
+        if exists is None:
+            raise NotFound(f"organisation {ext} is not registered")
+
+
+def get_balance(conn: Connection, acct_id: int) -> Balance:
+    require_account(conn, acct_id)
+    row = conn.execute(
+        select(accounts.c.name, accounts.c.balance_cents, accounts.c.last_movement_at).where(accounts.c.id == acct_id)
+    ).first()
+    status, auto_amount = AutoTopUpStatus.OFF, 0
+    kind, ext = split_account_id(acct_id)
+    if kind == AccountKind.MEMBER:
+        card = conn.execute(
+            select(member_cards.c.auto_top_up_status, member_cards.c.auto_top_up_amount_cents).where(
+                member_cards.c.member_id == ext
+            )
+        ).first()
+        if card is not None:
+            status, auto_amount = AutoTopUpStatus(card.auto_top_up_status), card.auto_top_up_amount_cents
+    if row is None:
+        return Balance(acct_id, "", 0, None, status, auto_amount)
+    return Balance(acct_id, row.name, row.balance_cents, as_utc(row.last_movement_at), status, auto_amount)

@@ -1,0 +1,186 @@
+"""Shared fixtures: a real gRPC server on a free port, on SQLite and on PostgreSQL.
+
+PostgreSQL comes from PAYMENTS_TEST_POSTGRES_URL (default the local one). Each test run makes its
+own database and drops it afterwards. Where PostgreSQL is unreachable its tests are skipped, except
+under CI=true, where that fails the run, so a green CI always means the PostgreSQL tests ran.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import grpc
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from clients.payments_client import PaymentsClient
+from server.app import PaymentsServer
+from server.config import Settings
+from server.ledger.db import Database
+
+PG_URL = os.environ.get("PAYMENTS_TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+TOKENS = {
+    "app": "test-app-token",
+    "admin": "test-admin-token",
+    "bridge": "test-bridge-token",
+    "app2": "test-app2-token",
+}
+AUTH_SPEC = (
+    f"{TOKENS['app']}=app-svc:app,{TOKENS['admin']}=ops:admin,"
+    f"{TOKENS['bridge']}=stripe-bridge:stripe-bridge,{TOKENS['app2']}=other-svc:app"
+)
+
+_ran_on: Counter[str] = Counter()
+
+
+def _pg_reachable() -> str | None:
+    try:
+        engine = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+        with engine.connect() as conn:
+            conn.execute(text("select 1"))
+        engine.dispose()
+        return None
+    except Exception as exc:  # noqa: BLE001
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A fresh database for this test run, dropped at the end."""
+    problem = _pg_reachable()
+    if problem is not None:
+        message = f"PostgreSQL unreachable at {make_url(PG_URL).render_as_string(hide_password=True)}: {problem}"
+        if IN_CI:
+            pytest.fail(message + " (CI=true: the PostgreSQL tests must run)")
+        pytest.skip(message)
+    name = f"payments_test_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
+    try:
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@dataclass
+class RunningServer:
+    server: PaymentsServer
+    loop: asyncio.AbstractEventLoop
+    thread: threading.Thread
+    target: str
+    database_url: str
+    backend: str
+
+    def client(self, role: str = "app") -> PaymentsClient:
+        return PaymentsClient(self.target, TOKENS[role])
+
+    def channel(self) -> grpc.Channel:
+        return grpc.insecure_channel(self.target)
+
+    @property
+    def db(self) -> Database:
+        return self.server.db
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.stop(0.5), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(30)
+
+
+def start_server(database_url: str, backend: str, **overrides) -> RunningServer:  # noqa: ANN003
+    settings = Settings(database_url=database_url, grpc_addr="127.0.0.1:0", auth_tokens=AUTH_SPEC, **overrides)
+    loop = asyncio.new_event_loop()
+    server = PaymentsServer(settings)
+    ready: dict = {}
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            ready["port"] = loop.run_until_complete(server.start())
+        except BaseException as exc:  # noqa: BLE001
+            ready["error"] = exc
+            return
+        finally:
+            ready["done"] = True
+        loop.run_forever()
+
+    thread = threading.Thread(target=run, name=f"server-{backend}", daemon=True)
+    thread.start()
+    while "done" not in ready:
+        thread.join(0.01)
+    if "error" in ready:
+        raise ready["error"]
+    return RunningServer(server, loop, thread, f"127.0.0.1:{ready['port']}", database_url, backend)
+
+
+def _truncate_all(db: Database) -> None:
+    """Empty every table but the system accounts, keeping the schema (fast per-test isolation)."""
+    from server.ledger.schema import accounts, metadata
+
+    with db.engine.begin() as conn:
+        for table in reversed(metadata.sorted_tables):
+            if table is accounts:
+                conn.execute(table.delete().where(table.c.kind != 3))
+                conn.execute(table.update().values(balance_cents=0, last_movement_at=None))
+            else:
+                conn.execute(table.delete())
+
+
+@pytest.fixture(scope="session")
+def sqlite_server(tmp_path_factory) -> Iterator[RunningServer]:  # noqa: ANN001
+    path = tmp_path_factory.mktemp("db") / "payments.db"
+    srv = start_server(f"sqlite:///{path}", "sqlite")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def postgresql_server(postgres_url) -> Iterator[RunningServer]:  # noqa: ANN001
+    srv = start_server(postgres_url, "postgresql")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def server(request) -> Iterator[RunningServer]:  # noqa: ANN001
+    """A running server on each database, with empty tables for this test."""
+    srv: RunningServer = request.getfixturevalue(f"{request.param}_server")
+    _truncate_all(srv.db)
+    yield srv
+    _ran_on[request.param] += 1
+
+
+@pytest.fixture
+def app(server: RunningServer) -> Iterator[PaymentsClient]:
+    with server.client("app") as c:
+        yield c
+
+
+@pytest.fixture
+def admin(server: RunningServer) -> Iterator[PaymentsClient]:
+    with server.client("admin") as c:
+        yield c
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # noqa: ANN001
+    if _ran_on:
+        parts = ", ".join(f"{n} on {db}" for db, n in sorted(_ran_on.items()))
+        terminalreporter.write_line(f"database-backed tests: {parts}")
+
+
+def record_backend(backend: str) -> None:
+    """For tests that build their own server: count them in the summary line."""
+    _ran_on[backend] += 1
