@@ -126,9 +126,8 @@ class LedgerApi(ApiBase):
 
     # ---------------------------------------------------------------- transfers and adjustments
     def transfer_command(self, request: pb.TransferRequest) -> transfer.TransferCommand:
-        source = request.WhichOneof("from") if request.HasField("from") else None
-        ref = getattr(request, "from")
-        which = ref.WhichOneof("account") if source else None
+        ref = getattr(request, "from")  # `from` is a Python keyword
+        which = ref.WhichOneof("account") if request.HasField("from") else None
         return transfer.TransferCommand(
             principal=self.principal().name,
             is_admin=self.principal().is_admin,
