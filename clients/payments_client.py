@@ -121,3 +121,68 @@ class PaymentsClient:
         if settlement_fee_bp is not None:
             req.settlement_fee_bp = settlement_fee_bp
         return self.call("UpsertOrganisation", req)
+
+    # ---- administrators: settlement, fees, summaries and lists
+    def settle(self, organisation_ids: list[int] | tuple[int, ...] = (), *, dry_run: bool = False,
+               expected_balances: dict[int, int] | None = None,
+               idempotency_key: str | None = None) -> pb.SettleResponse:
+        """Settle organisations (empty: every eligible one). `expected_balances` (organisation id →
+        balance a dry run showed) marks rows whose balance changed since (`balance_changed`)."""
+        req = pb.SettleRequest(
+            idempotency_key=idempotency_key or new_idempotency_key(), organisation_ids=list(organisation_ids),
+            dry_run=dry_run,
+            expected_balances=[pb.ExpectedBalance(organisation_id=org_id, balance_cents=cents)
+                               for org_id, cents in sorted((expected_balances or {}).items())],
+        )
+        return self.call("Settle", req)
+
+    def set_fee_settings(self, *, idempotency_key: str | None = None, **settings: int) -> pb.FeeSettings:
+        """A new fee-settings version; settings not given keep their current value. Names as in
+        SetFeeSettingsRequest: settlement_fee_bp, refund_fee_bp, stripe_cost_per_transaction_cents,
+        stripe_cost_bp, low_balance_limit_cents."""
+        return self.call("SetFeeSettings", pb.SetFeeSettingsRequest(
+            idempotency_key=idempotency_key or new_idempotency_key(), **settings))
+
+    def get_fee_settings(self) -> pb.GetFeeSettingsResponse:
+        return self.call("GetFeeSettings", pb.GetFeeSettingsRequest())
+
+    def admin_summary(self) -> pb.GetAdminSummaryResponse:
+        return self.call("GetAdminSummary", pb.GetAdminSummaryRequest())
+
+    def list_balances(self, kind: int = 0, *, page_size: int = 0, page_token: str = "",
+                      include_zero: bool = False) -> pb.ListBalancesResponse:
+        return self.call("ListBalances", pb.ListBalancesRequest(kind=kind, page_size=page_size, page_token=page_token,
+                                                                include_zero=include_zero))
+
+    def iter_balances(self, kind: int = 0, *, page_size: int = 0, include_zero: bool = False) -> Iterator[pb.BalanceRow]:
+        """Every row of ListBalances, page after page."""
+        token = ""
+        while True:
+            page = self.list_balances(kind, page_size=page_size, page_token=token, include_zero=include_zero)
+            yield from page.rows
+            token = page.next_page_token
+            if not token:
+                return
+
+    def list_organisations(self, organisation_ids: list[int] | tuple[int, ...] = (), *, page_size: int = 0,
+                           page_token: str = "") -> pb.ListOrganisationsResponse:
+        return self.call("ListOrganisations", pb.ListOrganisationsRequest(
+            organisation_ids=list(organisation_ids), page_size=page_size, page_token=page_token))
+
+    def iter_organisations(self, *, page_size: int = 0) -> Iterator[pb.Organisation]:
+        token = ""
+        while True:
+            page = self.list_organisations(page_size=page_size, page_token=token)
+            yield from page.organisations
+            token = page.next_page_token
+            if not token:
+                return
+
+    def organisation_summary(self, organisation_id: int, *, start=None, end=None  # noqa: ANN001
+                             ) -> pb.GetOrganisationSummaryResponse:
+        req = pb.GetOrganisationSummaryRequest(organisation_id=organisation_id)
+        if start is not None:
+            getattr(req, "from").FromDatetime(start)
+        if end is not None:
+            req.to.FromDatetime(end)
+        return self.call("GetOrganisationSummary", req)

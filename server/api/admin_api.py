@@ -1,29 +1,163 @@
-"""Administrators: settlement, fee settings, summaries and lists."""
+"""Administrators: settlement, fee settings, summaries and lists. Role `admin` only (the
+interceptor refuses every other role with PERMISSION_DENIED)."""
 
 from __future__ import annotations
 
+import dataclasses
+
+from cobalt.payments.v1 import payments_pb2 as pb
+from server.api import convert
 from server.api.base import ApiBase
-from server.domain.errors import Unimplemented
+from server.domain.errors import InvalidArgument
+from server.domain.types import AccountKind
+from server.ledger import idempotency
+from server.services import fees, settle, summaries
+from server.services.accounts import Organisation
+
+_FEE_FIELDS = ("settlement_fee_bp", "refund_fee_bp", "stripe_cost_per_transaction_cents", "stripe_cost_bp",
+               "low_balance_limit_cents")
+
+_KINDS = {
+    pb.ACCOUNT_KIND_UNSPECIFIED: None,
+    pb.MEMBER: AccountKind.MEMBER,
+    pb.ORGANISATION: AccountKind.ORGANISATION,
+    pb.SYSTEM: AccountKind.SYSTEM,
+}
+
+
+def _fee_settings_pb(s: fees.FeeSettings) -> pb.FeeSettings:
+    return pb.FeeSettings(
+        version=s.version,
+        settlement_fee_bp=s.settlement_fee_bp,
+        refund_fee_bp=s.refund_fee_bp,
+        stripe_cost_per_transaction_cents=s.stripe_cost_per_transaction_cents,
+        stripe_cost_bp=s.stripe_cost_bp,
+        low_balance_limit_cents=s.low_balance_limit_cents,
+        effective_from=convert.timestamp(s.effective_from),
+        set_by=s.set_by,
+    )
+
+
+def _settle_response(result: settle.SettleResult) -> pb.SettleResponse:
+    return pb.SettleResponse(
+        batch_id=result.batch_id,
+        dry_run=result.dry_run,
+        rows=[pb.SettlementRow(**dataclasses.asdict(row)) for row in result.rows],
+        total_gross_cents=result.total_gross_cents,
+        total_fee_cents=result.total_fee_cents,
+        total_gst_cents=result.total_gst_cents,
+        total_net_cents=result.total_net_cents,
+        skipped_organisation_ids=result.skipped_organisation_ids,
+        fee_settings_version=result.fee_settings.version,
+        default_fee_bp=result.fee_settings.settlement_fee_bp,
+    )
+
+
+def _organisation_pb(org: Organisation) -> pb.Organisation:
+    msg = pb.Organisation(
+        organisation_id=org.organisation_id,
+        name=org.name,
+        bsb=org.bsb,
+        account_number=org.account_number,
+        minimum_balance_cents=org.minimum_balance_cents,
+        balance_cents=org.balance_cents,
+    )
+    if org.settlement_fee_bp is not None:
+        msg.settlement_fee_bp = org.settlement_fee_bp
+    return msg
 
 
 class AdminApi(ApiBase):
-    async def Settle(self, request, context):  # noqa: ANN001, N802
-        raise Unimplemented("Settle is not built yet")
+    async def Settle(self, request: pb.SettleRequest, context) -> pb.SettleResponse:  # noqa: ANN001, N802
+        expected: dict[int, int] = {}
+        for item in request.expected_balances:
+            if item.organisation_id in expected:
+                raise InvalidArgument.field("expected_balances", f"organisation {item.organisation_id} given twice")
+            expected[item.organisation_id] = item.balance_cents
+        cmd = settle.SettleCommand(
+            principal=self.principal().name,
+            organisation_ids=tuple(request.organisation_ids),
+            dry_run=request.dry_run,
+            expected_balances=expected,
+        ).validated()
+        if cmd.dry_run:
+            # books nothing and records nothing: the key, if given, is only checked for shape
+            if request.idempotency_key:
+                idempotency.check_key(request.idempotency_key)
+            return _settle_response(await self.read(lambda conn: settle.settle(conn, cmd)))
+        return await self.mutate(context, "Settle", request, pb.SettleResponse,
+                                 lambda conn: _settle_response(settle.settle(conn, cmd)))
 
-    async def SetFeeSettings(self, request, context):  # noqa: ANN001, N802
-        raise Unimplemented("SetFeeSettings is not built yet")
+    async def SetFeeSettings(self, request: pb.SetFeeSettingsRequest, context) -> pb.FeeSettings:  # noqa: ANN001, N802
+        changes = {name: getattr(request, name) for name in _FEE_FIELDS if request.HasField(name)}
+        if not changes:
+            raise InvalidArgument.field("settlement_fee_bp", "set at least one fee setting")
 
-    async def GetFeeSettings(self, request, context):  # noqa: ANN001, N802
-        raise Unimplemented("GetFeeSettings is not built yet")
+        def work(conn):  # noqa: ANN001, ANN202
+            new = dataclasses.replace(fees.current_fee_settings(conn), **changes)
+            return _fee_settings_pb(fees.set_fee_settings(conn, new, self.principal().name))
 
-    async def GetAdminSummary(self, request, context):  # noqa: ANN001, N802
-        raise Unimplemented("GetAdminSummary is not built yet")
+        return await self.mutate(context, "SetFeeSettings", request, pb.FeeSettings, work)
 
-    async def ListBalances(self, request, context):  # noqa: ANN001, N802
-        raise Unimplemented("ListBalances is not built yet")
+    async def GetFeeSettings(self, request: pb.GetFeeSettingsRequest, context) -> pb.GetFeeSettingsResponse:  # noqa: ANN001, N802
+        def work(conn):  # noqa: ANN001, ANN202
+            return fees.current_fee_settings(conn), fees.fee_settings_history(conn)
 
-    async def ListOrganisations(self, request, context):  # noqa: ANN001, N802
-        raise Unimplemented("ListOrganisations is not built yet")
+        current, history = await self.read(work)
+        return pb.GetFeeSettingsResponse(current=_fee_settings_pb(current),
+                                         history=[_fee_settings_pb(s) for s in history])
 
-    async def GetOrganisationSummary(self, request, context):  # noqa: ANN001, N802
-        raise Unimplemented("GetOrganisationSummary is not built yet")
+    async def GetAdminSummary(self, request: pb.GetAdminSummaryRequest, context) -> pb.GetAdminSummaryResponse:  # noqa: ANN001, N802
+        s = await self.read(summaries.admin_summary)
+        return pb.GetAdminSummaryResponse(
+            members_with_balance=s.members_with_balance,
+            member_balances_cents=s.member_balances_cents,
+            organisations_with_balance=s.organisations_with_balance,
+            organisation_balances_cents=s.organisation_balances_cents,
+            net_liability_cents=s.net_liability_cents,
+            members_with_auto_top_up=s.members_with_auto_top_up,
+            card_money_in_30d_cents=s.card_money_in_30d_cents,
+            system_balances=[pb.SystemBalance(account=code, balance_cents=cents) for code, cents in s.system_balances],
+            card_refunds_30d_cents=s.card_refunds_30d_cents,
+            ledger_sum_cents=s.ledger_sum_cents,
+        )
+
+    async def ListBalances(self, request: pb.ListBalancesRequest, context) -> pb.ListBalancesResponse:  # noqa: ANN001, N802
+        if request.kind not in _KINDS:
+            raise InvalidArgument.field("kind", f"unknown account kind {request.kind}")
+        kind = _KINDS[request.kind]
+        page = await self.read(lambda conn: summaries.list_balances(conn, kind, request.page_size, request.page_token,
+                                                                    request.include_zero))
+        return pb.ListBalancesResponse(
+            rows=[
+                pb.BalanceRow(kind=int(row.kind), id=row.ext_id, name=row.name, balance_cents=row.balance_cents,
+                              system_account=row.system_account)
+                for row in page.rows
+            ],
+            next_page_token=page.next_page_token,
+            total_cents=page.total_cents,
+            count=page.count,
+        )
+
+    async def ListOrganisations(self, request: pb.ListOrganisationsRequest, context) -> pb.ListOrganisationsResponse:  # noqa: ANN001, N802
+        ids = list(request.organisation_ids)
+        page = await self.read(lambda conn: summaries.list_organisations(conn, request.page_size, request.page_token,
+                                                                         ids))
+        return pb.ListOrganisationsResponse(organisations=[_organisation_pb(o) for o in page.organisations],
+                                            next_page_token=page.next_page_token)
+
+    async def GetOrganisationSummary(self, request: pb.GetOrganisationSummaryRequest,  # noqa: N802
+                                     context) -> pb.GetOrganisationSummaryResponse:  # noqa: ANN001
+        start, end = convert.optional_time(request, "from"), convert.optional_time(request, "to")
+        s = await self.read(lambda conn: summaries.organisation_summary(conn, request.organisation_id, start, end))
+        return pb.GetOrganisationSummaryResponse(
+            organisation_id=s.organisation_id,
+            name=s.name,
+            totals=[
+                pb.TypeTotal(type=convert.payment_type_pb(t.type), type_name=t.type.display_name,
+                             amount_cents=t.amount_cents, count=t.count, in_cents=t.in_cents, out_cents=t.out_cents)
+                for t in s.totals
+            ],
+            opening_balance_cents=s.opening_balance_cents,
+            closing_balance_cents=s.closing_balance_cents,
+        )

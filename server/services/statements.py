@@ -71,6 +71,11 @@ def _balance_before(conn: Connection, acct_id: int, when: datetime | None) -> in
     return conn.execute(query).scalar() or 0
 
 
+def balance_at(conn: Connection, acct_id: int, when: datetime | None) -> int:
+    """The balance at `when` (the latest, when None): after the last posting strictly before it."""
+    return _balance_before(conn, acct_id, when)
+
+
 def counterparty_label(acct_id: int | None, name: str) -> str:
     if acct_id is None:
         return ""

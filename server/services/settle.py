@@ -1,0 +1,237 @@
+"""Settlement (SPEC §4 Settle): pay clubs' balances above their minimum out to their bank accounts,
+less the federation's fee.
+
+For each organisation whose balance exceeds its minimum balance after settlement:
+gross = balance − minimum; fee = gross × fee_bp half-up (its override, else the default settlement
+fee); GST inside the fee = fee / 11 half-up; net = gross − fee. Postings: organisation −gross,
+`federation` +fee, `bank` +net — one ledger transaction per organisation, all of a batch in one
+database transaction.
+
+A dry run reads and books nothing. A real run first locks the organisations' accounts (in id order,
+the ledger's lock order) and computes every row from the balances read under that lock, so a payment
+arriving concurrently is either settled in this batch or left on the balance — never lost, never
+settled twice. When the caller passes the balances its dry run showed, a row whose balance differs
+at booking is settled on the balance now and marked `balance_changed`.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from sqlalchemy import Connection, insert, select
+
+from server.domain.errors import InvalidArgument, NotFound
+from server.domain.money import settlement_for
+from server.domain.types import AccountKind, EventKind, PostingType, SystemAccount, organisation_account, system_account
+from server.events.outbox import NewEvent, emit
+from server.ledger.ledger import Leg, NewTransaction, book
+from server.ledger.schema import accounts, organisations, settlements
+from server.services.fees import FeeSettings, current_fee_settings
+
+MAX_ORGANISATIONS_PER_REQUEST = 10_000
+
+# types.account_id(ORGANISATION, organisation_id) as SQL, so the join uses the accounts primary key
+_ORGANISATION_ACCOUNT_ID = organisations.c.organisation_id * 4 + int(AccountKind.ORGANISATION)
+assert organisation_account(7) == 7 * 4 + int(AccountKind.ORGANISATION)
+
+
+@dataclass(frozen=True)
+class SettleCommand:
+    principal: str
+    organisation_ids: tuple[int, ...]  # empty: every eligible organisation
+    dry_run: bool
+    expected_balances: dict[int, int] = field(default_factory=dict)  # organisation id -> dry-run balance
+
+    def validated(self) -> SettleCommand:
+        if len(self.organisation_ids) > MAX_ORGANISATIONS_PER_REQUEST:
+            raise InvalidArgument.field("organisation_ids", f"at most {MAX_ORGANISATIONS_PER_REQUEST} per request")
+        if any(org_id <= 0 for org_id in self.organisation_ids):
+            raise InvalidArgument.field("organisation_ids", "must be positive ids")
+        if len(self.expected_balances) > MAX_ORGANISATIONS_PER_REQUEST:
+            raise InvalidArgument.field("expected_balances", f"at most {MAX_ORGANISATIONS_PER_REQUEST} entries")
+        if any(org_id <= 0 for org_id in self.expected_balances):
+            raise InvalidArgument.field("expected_balances", "organisation ids must be positive")
+        if self.dry_run and self.expected_balances:
+            raise InvalidArgument.field("expected_balances", "only a real run compares with a dry run")
+        # keep the caller's order out of it: rows come in organisation id order
+        return SettleCommand(self.principal, tuple(sorted(set(self.organisation_ids))), self.dry_run,
+                             dict(self.expected_balances))
+
+
+@dataclass(frozen=True)
+class SettlementRow:
+    organisation_id: int
+    name: str
+    bsb: str
+    account_number: str
+    balance_cents: int
+    minimum_balance_cents: int
+    gross_cents: int
+    fee_bp: int
+    fee_cents: int
+    gst_cents: int
+    net_cents: int
+    reference: str = ""
+    balance_changed: bool = False
+    expected_balance_cents: int = 0
+
+
+@dataclass
+class SettleResult:
+    batch_id: str
+    dry_run: bool
+    rows: list[SettlementRow]
+    skipped_organisation_ids: list[int]
+    fee_settings: FeeSettings
+
+    @property
+    def total_gross_cents(self) -> int:
+        return sum(r.gross_cents for r in self.rows)
+
+    @property
+    def total_fee_cents(self) -> int:
+        return sum(r.fee_cents for r in self.rows)
+
+    @property
+    def total_gst_cents(self) -> int:
+        return sum(r.gst_cents for r in self.rows)
+
+    @property
+    def total_net_cents(self) -> int:
+        return sum(r.net_cents for r in self.rows)
+
+
+def new_batch_id() -> str:
+    return "stl_" + secrets.token_hex(10)
+
+
+def _candidates(conn: Connection, organisation_ids: Sequence[int], lock: bool):  # noqa: ANN202
+    """Registered organisations with their balances, in id order; locked for a real run."""
+    query = (
+        select(
+            organisations.c.organisation_id,
+            organisations.c.name,
+            organisations.c.bsb,
+            organisations.c.account_number,
+            organisations.c.minimum_balance_cents,
+            organisations.c.settlement_fee_bp,
+            accounts.c.balance_cents,
+        )
+        .join(accounts, accounts.c.id == _ORGANISATION_ACCOUNT_ID)
+        .order_by(accounts.c.id)
+    )
+    if organisation_ids:
+        query = query.where(organisations.c.organisation_id.in_(list(organisation_ids)))
+    else:
+        query = query.where(accounts.c.balance_cents > organisations.c.minimum_balance_cents)
+    if lock:
+        # PostgreSQL: row locks on the accounts, taken in id order (the ledger's order for
+        # organisations); the balances read are the latest committed ones. SQLite: the
+        # transaction already holds the write lock (BEGIN IMMEDIATE).
+        query = query.with_for_update(of=accounts)
+    return list(conn.execute(query))
+
+
+def settle(conn: Connection, cmd: SettleCommand) -> SettleResult:
+    """The settlement table, and for a real run the bookings, all in the caller's transaction."""
+    fees = current_fee_settings(conn)
+    found = _candidates(conn, cmd.organisation_ids, lock=not cmd.dry_run)
+    missing = sorted(set(cmd.organisation_ids) - {r.organisation_id for r in found})
+    if missing:
+        shown = ", ".join(str(m) for m in missing[:10])
+        raise NotFound(f"organisation{'s' if len(missing) > 1 else ''} {shown} "
+                       f"{'are' if len(missing) > 1 else 'is'} not registered")
+    batch_id = "" if cmd.dry_run else new_batch_id()
+    rows: list[SettlementRow] = []
+    skipped: list[int] = []
+    for org in found:
+        fee_bp = org.settlement_fee_bp if org.settlement_fee_bp is not None else fees.settlement_fee_bp
+        due = settlement_for(org.balance_cents, org.minimum_balance_cents, fee_bp)
+        if due is None:
+            skipped.append(org.organisation_id)
+            continue
+        expected = cmd.expected_balances.get(org.organisation_id)
+        row = SettlementRow(
+            organisation_id=org.organisation_id,
+            name=org.name,
+            bsb=org.bsb,
+            account_number=org.account_number,
+            balance_cents=org.balance_cents,
+            minimum_balance_cents=org.minimum_balance_cents,
+            gross_cents=due.gross_cents,
+            fee_bp=due.fee_bp,
+            fee_cents=due.fee_cents,
+            gst_cents=due.gst_cents,
+            net_cents=due.net_cents,
+            balance_changed=expected is not None and expected != org.balance_cents,
+            expected_balance_cents=expected or 0,
+        )
+        if not cmd.dry_run:
+            row = _book(conn, cmd.principal, batch_id, fees, row)
+        rows.append(row)
+    if not cmd.dry_run and not rows:
+        batch_id = ""  # nothing was settled: no batch
+    return SettleResult(batch_id, cmd.dry_run, rows, skipped, fees)
+
+
+def _book(conn: Connection, principal: str, batch_id: str, fees: FeeSettings, row: SettlementRow) -> SettlementRow:
+    org_acct = organisation_account(row.organisation_id)
+    federation = system_account(SystemAccount.FEDERATION)
+    bank = system_account(SystemAccount.BANK)
+    legs = [Leg(org_acct, -row.gross_cents, bank, must_stay_non_negative=True)]
+    if row.fee_cents:
+        legs.append(Leg(federation, row.fee_cents, org_acct))
+    if row.net_cents:
+        legs.append(Leg(bank, row.net_cents, org_acct))
+    booked = book(
+        conn,
+        NewTransaction(
+            type=PostingType.SETTLEMENT,
+            description=_description(row),
+            principal=principal,
+            legs=legs,
+            payment_id=batch_id,
+            batch_id=batch_id,
+        ),
+    )
+    balance_after = booked.balances_after[org_acct]
+    assert balance_after == row.minimum_balance_cents, "a settlement leaves the minimum balance"
+    conn.execute(
+        insert(settlements).values(
+            batch_id=batch_id,
+            organisation_id=row.organisation_id,
+            transaction_id=booked.transaction_id,
+            balance_cents=row.balance_cents,
+            minimum_balance_cents=row.minimum_balance_cents,
+            gross_cents=row.gross_cents,
+            fee_bp=row.fee_bp,
+            fee_cents=row.fee_cents,
+            gst_cents=row.gst_cents,
+            net_cents=row.net_cents,
+            fee_settings_version=fees.version or None,
+            bsb=row.bsb,
+            account_number=row.account_number,
+            created_at=booked.created_at,
+        )
+    )
+    emit(
+        conn,
+        NewEvent(
+            EventKind.SETTLEMENT_MADE,
+            organisation_id=row.organisation_id,
+            amount_cents=row.gross_cents,
+            balance_cents=balance_after,
+            payment_id=batch_id,
+            reference=booked.reference,
+            reason=f"net {row.net_cents} fee {row.fee_cents} gst {row.gst_cents} cents",
+        ),
+    )
+    return SettlementRow(**{**row.__dict__, "reference": booked.reference})
+
+
+def _description(row: SettlementRow) -> str:
+    dest = f"BSB {row.bsb} acct {row.account_number}" if row.bsb and row.account_number else "no bank details"
+    text = f"Settlement to {dest}, fee {row.fee_bp // 100}.{row.fee_bp % 100:02d}%"
+    return text[:80]

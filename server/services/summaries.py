@@ -1,0 +1,262 @@
+"""What administrators and auditors look at: the admin summary, who holds what (ListBalances),
+the organisations, and an organisation's totals by type over a range."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import Connection, and_, case, func, or_, select
+
+from server.domain.errors import InvalidArgument
+from server.domain.types import (
+    AccountKind,
+    AutoTopUpStatus,
+    PostingType,
+    SystemAccount,
+    organisation_account,
+    system_account,
+)
+from server.ledger.db import utcnow
+from server.ledger.schema import accounts, member_cards, organisations, postings
+from server.services.accounts import Organisation, get_organisation
+from server.services.statements import balance_at
+
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+MAX_IDS_PER_REQUEST = 1000
+CARD_MONEY_WINDOW = timedelta(days=30)
+
+
+def _page_size(page_size: int) -> int:
+    if page_size < 0 or page_size > MAX_PAGE_SIZE:
+        raise InvalidArgument.field("page_size", f"must be between 1 and {MAX_PAGE_SIZE}")
+    return page_size or DEFAULT_PAGE_SIZE
+
+
+def _id_token(token: str) -> int | None:
+    """Page tokens here are the last id of the previous page, as decimal text."""
+    if not token:
+        return None
+    if not token.isdigit() or len(token) > 19:
+        raise InvalidArgument.field("page_token", "is not a token this service gave out")
+    return int(token)
+
+
+# ---------------------------------------------------------------- admin summary
+
+@dataclass(frozen=True)
+class AdminSummary:
+    members_with_balance: int
+    member_balances_cents: int
+    organisations_with_balance: int
+    organisation_balances_cents: int
+    members_with_auto_top_up: int
+    card_money_in_30d_cents: int
+    card_refunds_30d_cents: int
+    system_balances: list[tuple[str, int]]
+    ledger_sum_cents: int
+
+    @property
+    def net_liability_cents(self) -> int:
+        """What the federation owes members and organisations together."""
+        return self.member_balances_cents + self.organisation_balances_cents
+
+
+def admin_summary(conn: Connection, now: datetime | None = None) -> AdminSummary:
+    now = now or utcnow()
+    by_kind = {
+        row.kind: row
+        for row in conn.execute(
+            select(
+                accounts.c.kind,
+                func.count().filter(accounts.c.balance_cents != 0).label("non_zero"),
+                func.coalesce(func.sum(accounts.c.balance_cents), 0).label("total_cents"),
+            ).group_by(accounts.c.kind)
+        )
+    }
+    system = dict(
+        conn.execute(
+            select(accounts.c.ext_id, accounts.c.balance_cents).where(accounts.c.kind == int(AccountKind.SYSTEM))
+        ).all()
+    )
+    auto_on = conn.execute(
+        select(func.count()).select_from(member_cards).where(
+            member_cards.c.auto_top_up_status == int(AutoTopUpStatus.ON)
+        )
+    ).scalar_one()
+    # Card money moves through the `stripe` account only: out of it into members is money in by
+    # card; back into it is money returned to cards.
+    stripe = system_account(SystemAccount.STRIPE)
+    card = conn.execute(
+        select(
+            func.coalesce(func.sum(case((postings.c.amount_cents < 0, -postings.c.amount_cents), else_=0)), 0),
+            func.coalesce(func.sum(case((postings.c.amount_cents > 0, postings.c.amount_cents), else_=0)), 0),
+        ).where(postings.c.account_id == stripe, postings.c.created_at >= now - CARD_MONEY_WINDOW)
+    ).one()
+
+    def kind_figures(kind: AccountKind) -> tuple[int, int]:
+        row = by_kind.get(int(kind))
+        return (0, 0) if row is None else (int(row.non_zero), int(row.total_cents))
+
+    members, member_cents = kind_figures(AccountKind.MEMBER)
+    orgs, org_cents = kind_figures(AccountKind.ORGANISATION)
+    _, system_cents = kind_figures(AccountKind.SYSTEM)
+    return AdminSummary(
+        members_with_balance=members,
+        member_balances_cents=member_cents,
+        organisations_with_balance=orgs,
+        organisation_balances_cents=org_cents,
+        members_with_auto_top_up=int(auto_on),
+        card_money_in_30d_cents=int(card[0]),
+        card_refunds_30d_cents=int(card[1]),
+        system_balances=[(acct.code, int(system.get(int(acct), 0))) for acct in SystemAccount],
+        ledger_sum_cents=member_cents + org_cents + system_cents,
+    )
+
+
+# ---------------------------------------------------------------- who holds what
+
+@dataclass(frozen=True)
+class BalanceRow:
+    kind: AccountKind
+    ext_id: int
+    name: str
+    balance_cents: int
+
+    @property
+    def system_account(self) -> str:
+        return SystemAccount(self.ext_id).code if self.kind == AccountKind.SYSTEM else ""
+
+
+@dataclass(frozen=True)
+class BalancePage:
+    rows: list[BalanceRow]
+    next_page_token: str
+    total_cents: int
+    count: int
+
+
+def list_balances(conn: Connection, kind: AccountKind | None, page_size: int, page_token: str,
+                  include_zero: bool) -> BalancePage:
+    """Accounts of one kind (None: members and organisations), members first, each by id;
+    keyset pagination on the account id; totals over every page."""
+    limit = _page_size(page_size)
+    after = _id_token(page_token)
+    kinds = [int(kind)] if kind is not None else [int(AccountKind.MEMBER), int(AccountKind.ORGANISATION)]
+    where = [accounts.c.kind.in_(kinds)]
+    if not include_zero and kind != AccountKind.SYSTEM:
+        where.append(accounts.c.balance_cents != 0)
+    total_cents, count = conn.execute(
+        select(func.coalesce(func.sum(accounts.c.balance_cents), 0), func.count()).where(*where)
+    ).one()
+    query = select(accounts.c.id, accounts.c.kind, accounts.c.ext_id, accounts.c.name, accounts.c.balance_cents).where(
+        *where
+    )
+    if after is not None:
+        after_kind = after % 4
+        query = query.where(or_(accounts.c.kind > after_kind, and_(accounts.c.kind == after_kind, accounts.c.id > after)))
+    rows = list(conn.execute(query.order_by(accounts.c.kind, accounts.c.id).limit(limit + 1)))
+    next_token = ""
+    if len(rows) > limit:
+        rows = rows[:limit]
+        next_token = str(rows[-1].id)
+    return BalancePage(
+        rows=[BalanceRow(AccountKind(r.kind), r.ext_id, r.name, r.balance_cents) for r in rows],
+        next_page_token=next_token,
+        total_cents=int(total_cents),
+        count=int(count),
+    )
+
+
+# ---------------------------------------------------------------- organisations
+
+@dataclass(frozen=True)
+class OrganisationPage:
+    organisations: list[Organisation]
+    next_page_token: str
+
+
+def list_organisations(conn: Connection, page_size: int, page_token: str,
+                       organisation_ids: Sequence[int] = ()) -> OrganisationPage:
+    limit = _page_size(page_size)
+    after = _id_token(page_token)
+    if len(organisation_ids) > MAX_IDS_PER_REQUEST:
+        raise InvalidArgument.field("organisation_ids", f"at most {MAX_IDS_PER_REQUEST} per request")
+    query = select(organisations, accounts.c.balance_cents).outerjoin(
+        accounts, accounts.c.id == organisations.c.organisation_id * 4 + int(AccountKind.ORGANISATION)
+    )
+    if organisation_ids:
+        query = query.where(organisations.c.organisation_id.in_(list(organisation_ids)))
+    if after is not None:
+        query = query.where(organisations.c.organisation_id > after)
+    rows = list(conn.execute(query.order_by(organisations.c.organisation_id).limit(limit + 1)))
+    next_token = ""
+    if len(rows) > limit:
+        rows = rows[:limit]
+        next_token = str(rows[-1].organisation_id)
+    return OrganisationPage(
+        [
+            Organisation(r.organisation_id, r.name, r.bsb, r.account_number, r.minimum_balance_cents,
+                         r.settlement_fee_bp, r.balance_cents or 0)
+            for r in rows
+        ],
+        next_token,
+    )
+
+
+# ---------------------------------------------------------------- an organisation over a range
+
+@dataclass(frozen=True)
+class TypeTotal:
+    type: PostingType
+    amount_cents: int
+    count: int
+    in_cents: int
+    out_cents: int  # a positive number: money that left
+
+
+@dataclass(frozen=True)
+class OrganisationSummary:
+    organisation_id: int
+    name: str
+    totals: list[TypeTotal]
+    opening_balance_cents: int
+    closing_balance_cents: int
+
+
+def organisation_summary(conn: Connection, organisation_id: int, start: datetime | None,
+                         end: datetime | None) -> OrganisationSummary:
+    """Totals by type over [start, end) with the opening and closing balance (opening + totals =
+    closing when nothing is booked while it reads)."""
+    if organisation_id <= 0:
+        raise InvalidArgument.field("organisation_id", "must be a positive id")
+    if start is not None and end is not None and end <= start:
+        raise InvalidArgument.field("to", "must be after from")
+    org = get_organisation(conn, organisation_id)
+    acct = organisation_account(organisation_id)
+    where = [postings.c.account_id == acct]
+    if start is not None:
+        where.append(postings.c.created_at >= start)
+    if end is not None:
+        where.append(postings.c.created_at < end)
+    rows = conn.execute(
+        select(
+            postings.c.type,
+            func.sum(postings.c.amount_cents),
+            func.count(),
+            func.coalesce(func.sum(case((postings.c.amount_cents > 0, postings.c.amount_cents), else_=0)), 0),
+            func.coalesce(func.sum(case((postings.c.amount_cents < 0, -postings.c.amount_cents), else_=0)), 0),
+        )
+        .where(*where)
+        .group_by(postings.c.type)
+    ).all()
+    totals = sorted(
+        (TypeTotal(PostingType(t), int(amount), int(n), int(money_in), int(money_out))
+         for t, amount, n, money_in, money_out in rows),
+        key=lambda total: list(PostingType).index(total.type),
+    )
+    opening = balance_at(conn, acct, start) if start is not None else 0
+    closing = balance_at(conn, acct, end)
+    return OrganisationSummary(org.organisation_id, org.name, totals, opening, closing)
