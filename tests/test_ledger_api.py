@@ -288,3 +288,15 @@ def test_postings_carry_their_transaction(server, admin, app):
     assert sorted((r.account_id, r.amount_cents) for r in rows) == sorted(
         [(member_account(1), -400), (member_account(2), 400)])
     assert len({r.reference for r in rows}) == 2
+
+
+def test_padded_text_is_stored_trimmed(server, admin, app):
+    """80 characters plus surrounding spaces is within the limit: stored trimmed on every database."""
+    admin.upsert_organisation(7, "Club")
+    text = "d" * 80
+    admin.adjust(5_000, f" {text} ", member_id=1)
+    app.pay(1, 100, organisation_id=7, description=f"  {text}  ", route_code=" EVT-ROUTE-CODE16 ")
+    app.transfer(2, 100, from_member_id=1, description=f"{text}   ")
+    assert [ln.description for ln in app.get_statement(member_id=1).lines] == [text] * 3
+    [event] = events(server, "PAYMENT_SUCCEEDED")
+    assert event.route_code == "EVT-ROUTE-CODE16"

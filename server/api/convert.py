@@ -7,6 +7,7 @@ from datetime import datetime, timezone
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from cobalt.payments.v1 import payments_pb2 as pb
+from server.domain import validation
 from server.domain.errors import InvalidArgument
 from server.domain.types import (
     AccountKind,
@@ -21,13 +22,9 @@ from server.domain.types import (
 def account_id_of(ref: pb.AccountRef, field: str = "account") -> int:
     which = ref.WhichOneof("account")
     if which == "member_id":
-        if ref.member_id <= 0:
-            raise InvalidArgument.field(f"{field}.member_id", "must be a positive id")
-        return member_account(ref.member_id)
+        return member_account(validation.positive_id(f"{field}.member_id", ref.member_id))
     if which == "organisation_id":
-        if ref.organisation_id <= 0:
-            raise InvalidArgument.field(f"{field}.organisation_id", "must be a positive id")
-        return organisation_account(ref.organisation_id)
+        return organisation_account(validation.positive_id(f"{field}.organisation_id", ref.organisation_id))
     raise InvalidArgument.field(field, "set member_id or organisation_id")
 
 

@@ -6,9 +6,15 @@ from server.domain.errors import InvalidArgument
 from server.domain.money import MAX_AMOUNT_CENTS, MAX_DESCRIPTION_CHARS
 
 
+# Account ids are ext_id * 4 + kind in a signed 64-bit column: larger ids cannot be stored.
+MAX_ID = (2**63 - 1) // 4 - 1
+
+
 def positive_id(field: str, value: int) -> int:
     if value <= 0:
         raise InvalidArgument.field(field, "must be a positive id")
+    if value > MAX_ID:
+        raise InvalidArgument.field(field, f"must be at most {MAX_ID}")
     return value
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from sqlalchemy import Connection
 
@@ -27,8 +27,8 @@ class AdjustCommand:
             raise InvalidArgument.field("amount_cents", "must not be zero")
         if abs(self.amount_cents) > MAX_AMOUNT_CENTS:
             raise InvalidArgument.field("amount_cents", f"must be at most {MAX_AMOUNT_CENTS} cents either way")
-        validation.description(self.description, required=True)
-        return self
+        description = validation.description(self.description, required=True)
+        return self if description == self.description else replace(self, description=description)
 
 
 @dataclass

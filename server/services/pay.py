@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from sqlalchemy import Connection
 
@@ -13,6 +13,7 @@ from server.domain.money import MAX_AMOUNT_CENTS, MAX_ROUTE_CODE_CHARS, MAX_ROUT
 from server.domain.types import EventKind, PostingType, member_account, organisation_account
 from server.events.outbox import NewEvent, emit
 from server.ledger.ledger import Leg, NewTransaction, balance_of, book
+from server.services.accounts import require_account
 from server.services.low_balance import low_balance_check
 
 
@@ -42,10 +43,12 @@ class PayCommand:
             if self.other_member_id == self.member_id:
                 raise InvalidArgument.field("other_member_id", "a member cannot pay themselves")
         validation.positive_amount("amount_cents", self.amount_cents, MAX_AMOUNT_CENTS)
-        validation.description(self.description)
-        validation.bounded_text("route_code", self.route_code, MAX_ROUTE_CODE_CHARS)
+        description = validation.description(self.description)
+        route_code = validation.bounded_text("route_code", self.route_code, MAX_ROUTE_CODE_CHARS)
         if len(self.route_payload) > MAX_ROUTE_PAYLOAD_CHARS:
             raise InvalidArgument.field("route_payload", f"is longer than {MAX_ROUTE_PAYLOAD_CHARS} characters")
+        if description != self.description or route_code != self.route_code:  # keep what was checked
+            return replace(self, description=description, route_code=route_code)
         return self
 
     @property
@@ -89,27 +92,34 @@ def pay_from_balance(conn: Connection, cmd: PayCommand, payment_id: str | None =
     """Book member → payee when the balance covers it; raise InsufficientFunds otherwise."""
     payment_id = payment_id or new_payment_id()
     member_acct = member_account(cmd.member_id)
+    payee_acct = cmd.payee_account
     if cmd.ensure_funds_only:
+        require_account(conn, payee_acct)
         balance = balance_of(conn, member_acct) or 0
         if balance < cmd.amount_cents:
             raise InsufficientFunds(balance, cmd.amount_cents)
         return PayResult(payment_id, balance)
-    payee_acct = cmd.payee_account
-    booked = book(
-        conn,
-        NewTransaction(
-            type=cmd.payment_type,
-            description=cmd.description,
-            principal=cmd.principal,
-            payment_id=payment_id,
-            event_id=cmd.event_id,
-            session_id=cmd.session_id,
-            legs=[
-                Leg(member_acct, -cmd.amount_cents, payee_acct, must_stay_non_negative=True),
-                Leg(payee_acct, cmd.amount_cents, member_acct),
-            ],
-        ),
-    )
+    try:
+        booked = book(
+            conn,
+            NewTransaction(
+                type=cmd.payment_type,
+                description=cmd.description,
+                principal=cmd.principal,
+                payment_id=payment_id,
+                event_id=cmd.event_id,
+                session_id=cmd.session_id,
+                legs=[
+                    Leg(member_acct, -cmd.amount_cents, payee_acct, must_stay_non_negative=True),
+                    Leg(payee_acct, cmd.amount_cents, member_acct),
+                ],
+            ),
+        )
+    except InsufficientFunds:
+        # the member's leg is applied first: an unknown payee must still be NOT_FOUND, never a
+        # shortfall that a card path would try to cover
+        require_account(conn, payee_acct)
+        raise
     balance = booked.balances_after[member_acct]
     assert balance >= 0, "a member balance is never negative after a Pay"
     events = [cmd.success_event(payment_id, booked.reference, balance)]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from sqlalchemy import Connection
 
@@ -41,8 +41,8 @@ class TransferCommand:
             if not self.is_admin:
                 raise PermissionDenied("only administrators transfer from an organisation")
             validation.positive_amount("amount_cents", self.amount_cents, MAX_AMOUNT_CENTS)
-        validation.description(self.description)
-        return self
+        description = validation.description(self.description)
+        return self if description == self.description else replace(self, description=description)
 
 
 @dataclass
