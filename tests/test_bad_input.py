@@ -6,7 +6,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import grpc
 import pytest
@@ -66,7 +66,7 @@ def statement(**fields) -> pb.GetStatementRequest:  # noqa: ANN003
     return pb.GetStatementRequest(**base)
 
 
-NOW = datetime.now(timezone.utc)
+NOW = datetime.now(UTC)
 
 
 def ranged(req, start: datetime, end: datetime):  # noqa: ANN001, ANN201

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -63,14 +63,14 @@ def timestamp(value: datetime | None) -> Timestamp | None:
     if value is None:
         return None
     ts = Timestamp()
-    ts.FromDatetime(value.astimezone(timezone.utc))
+    ts.FromDatetime(value.astimezone(UTC))
     return ts
 
 
 def optional_time(msg, field: str) -> datetime | None:  # noqa: ANN001
     if not msg.HasField(field):
         return None
-    return getattr(msg, field).ToDatetime(tzinfo=timezone.utc)
+    return getattr(msg, field).ToDatetime(tzinfo=UTC)
 
 
 def zero_to_none(value: int) -> int | None:

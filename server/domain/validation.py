@@ -5,7 +5,6 @@ from __future__ import annotations
 from server.domain.errors import InvalidArgument
 from server.domain.money import MAX_AMOUNT_CENTS, MAX_DESCRIPTION_CHARS
 
-
 # Account ids are ext_id * 4 + kind in a signed 64-bit column: larger ids cannot be stored.
 MAX_ID = (2**63 - 1) // 4 - 1
 

@@ -9,7 +9,7 @@ from sqlalchemy import Connection
 from server.domain import validation
 from server.domain.errors import InvalidArgument
 from server.domain.money import MAX_AMOUNT_CENTS
-from server.domain.types import EventKind, PostingType, SystemAccount, split_account_id, system_account, AccountKind
+from server.domain.types import AccountKind, EventKind, PostingType, SystemAccount, split_account_id, system_account
 from server.events.outbox import NewEvent, emit
 from server.ledger.ledger import Leg, NewTransaction, book
 from server.services.pay import new_payment_id
@@ -22,7 +22,7 @@ class AdjustCommand:
     amount_cents: int
     description: str
 
-    def validated(self) -> "AdjustCommand":
+    def validated(self) -> AdjustCommand:
         if self.amount_cents == 0:
             raise InvalidArgument.field("amount_cents", "must not be zero")
         if abs(self.amount_cents) > MAX_AMOUNT_CENTS:

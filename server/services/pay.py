@@ -32,7 +32,7 @@ class PayCommand:
     session_id: int | None = None
     ensure_funds_only: bool = False
 
-    def validated(self) -> "PayCommand":
+    def validated(self) -> PayCommand:
         validation.positive_id("member_id", self.member_id)
         if self.organisation_id is None and self.other_member_id is None:
             raise InvalidArgument.field("payee", "set organisation_id or other_member_id")

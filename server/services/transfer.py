@@ -26,7 +26,7 @@ class TransferCommand:
     from_member_id: int | None = None
     from_organisation_id: int | None = None
 
-    def validated(self) -> "TransferCommand":
+    def validated(self) -> TransferCommand:
         if self.from_member_id is None and self.from_organisation_id is None:
             raise InvalidArgument.field("from", "set member_id or organisation_id")
         validation.positive_id("to_member_id", self.to_member_id)
