@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from sqlalchemy import Connection, insert
 
 from server.domain.types import EventKind
-from server.ledger.db import utcnow
+from server.ledger.db import EVENTS_WRITTEN, utcnow
 from server.ledger.schema import outbox_events
 
 
@@ -28,16 +28,11 @@ class NewEvent:
     session_id: int = 0
 
 
-# Called after every commit that wrote events (the event stream's wake-up); set by the app.
-_after_commit_hooks: list = []
-
-
-def on_events_committed(hook) -> None:  # noqa: ANN001
-    _after_commit_hooks.append(hook)
-
-
 def emit(conn: Connection, *events: NewEvent) -> None:
-    """Write events in the caller's transaction. Nothing is written if it rolls back."""
+    """Write events in the caller's transaction. Nothing is written if it rolls back.
+
+    Each row takes the next number of the global `sequence` (on PostgreSQL through
+    `outbox_next_sequence()`, see migration 0002); `Database.run` wakes the stream after the commit."""
     if not events:
         return
     now = utcnow()
@@ -48,4 +43,4 @@ def emit(conn: Connection, *events: NewEvent) -> None:
         row["created_at"] = now
         rows.append(row)
     conn.execute(insert(outbox_events), rows)
-    conn.info["events_written"] = conn.info.get("events_written", 0) + len(rows)
+    conn.info[EVENTS_WRITTEN] = conn.info.get(EVENTS_WRITTEN, 0) + len(rows)

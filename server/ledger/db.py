@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -17,6 +18,7 @@ from server.domain.errors import Aborted, Unavailable
 
 T = TypeVar("T")
 
+EVENTS_WRITTEN = "events_written"  # conn.info key: the outbox wrote events in this transaction
 MAX_RETRIES = 8  # conflicts (deadlock, serialization, SQLite busy) retried at most this often
 
 
@@ -96,6 +98,8 @@ class Database:
     def __init__(self, engine: Engine):
         self.engine = engine
         self.is_sqlite = engine.dialect.name == "sqlite"
+        # called (no arguments) after a commit of `run` that wrote outbox events: the stream's wake-up
+        self.after_events_committed: list[Callable[[], None]] = []
 
     @classmethod
     def from_url(cls, url: str, *, pool_size: int = 16) -> "Database":
@@ -111,7 +115,12 @@ class Database:
         while True:
             try:
                 with self.engine.begin() as conn:
-                    return fn(conn)
+                    conn.info.pop(EVENTS_WRITTEN, None)  # info lives on the pooled connection
+                    result = fn(conn)
+                    events_written = conn.info.pop(EVENTS_WRITTEN, 0)
+                if events_written:
+                    self._events_committed()
+                return result
             except DBAPIError as exc:
                 if _is_retryable(exc) and attempt < retries:
                     attempt += 1
@@ -122,6 +131,13 @@ class Database:
                 if _is_unavailable(exc):
                     raise Unavailable("the database is unavailable") from exc
                 raise
+
+    def _events_committed(self) -> None:
+        for hook in self.after_events_committed:
+            try:
+                hook()
+            except Exception:  # noqa: BLE001 - the commit stands; a missed wake-up only delays delivery
+                logging.getLogger(__name__).exception("after-commit hook failed")
 
     def read(self, fn: Callable[[Connection], T]) -> T:
         try:

@@ -123,15 +123,27 @@ outbox_events = Table(
     Column("event_id", BigInteger, nullable=False, server_default="0"),
     Column("session_id", BigInteger, nullable=False, server_default="0"),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    # SQLite: never hand a sequence number out twice, even after pruning every row. PostgreSQL: the
+    # default is outbox_next_sequence() (migration 0002), which takes a transaction id before the number.
+    sqlite_autoincrement=True,
 )
 
+# A durable consumer's progress; names are scoped by the calling principal.
 event_consumers = Table(
     "event_consumers",
     metadata,
+    Column("principal", String(100), primary_key=True),
     Column("consumer", String(100), primary_key=True),
-    Column("principal", String(100), nullable=False),
     Column("acked_sequence", BigInteger, nullable=False, server_default="0"),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+# Small named counters of the event stream, e.g. `pruned_through` (highest sequence retention may have deleted).
+event_stream_state = Table(
+    "event_stream_state",
+    metadata,
+    Column("name", String(40), primary_key=True),
+    Column("value", BigInteger, nullable=False, server_default="0"),
 )
 
 # Stripe events applied, recorded in the same transaction as their effect.
