@@ -1,0 +1,130 @@
+"""Authentication, roles and the per-call log line: one JSON line per call with method, principal,
+status and duration; never a token. The server runs as the `payments-server` subprocess so that
+what is checked is exactly what it prints."""
+
+from __future__ import annotations
+
+import uuid
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from server_process import ServerProcess
+
+from cobalt.payments.v1 import payments_pb2 as pb
+from cobalt.payments.v1 import payments_pb2_grpc as pb_grpc
+from server.api.auth import TokenConfigError, allowed, digest, parse_tokens
+
+pytestmark = pytest.mark.e2e
+
+APP_TOKEN = "app-" + uuid.uuid4().hex
+ADMIN_TOKEN = "admin-" + uuid.uuid4().hex
+BRIDGE_TOKEN = "bridge-" + uuid.uuid4().hex
+WRONG_TOKEN = "wrong-" + uuid.uuid4().hex
+HASHED_TOKEN = "hashed-" + uuid.uuid4().hex
+SPEC = (f"{APP_TOKEN}=shop:app,{ADMIN_TOKEN}=ops:admin,{BRIDGE_TOKEN}=bridge:stripe-bridge,"
+        f"sha256:{digest(HASHED_TOKEN)}=hashed-svc:app")
+
+
+@pytest.fixture(scope="module")
+def proc(tmp_path_factory):  # noqa: ANN001, ANN201
+    srv = ServerProcess(tmp_path_factory.mktemp("logdb") / "payments.db", SPEC).start()
+    yield srv
+    srv.stop()
+
+
+def rpc(proc: ServerProcess, method: str, request, token: str | None, request_id: str):  # noqa: ANN001, ANN201
+    md = [("x-request-id", request_id)]
+    if token is not None:
+        md.append(("authorization", f"Bearer {token}"))
+    with grpc.insecure_channel(proc.target) as channel:
+        try:
+            getattr(pb_grpc.PaymentsServiceStub(channel), method)(request, metadata=md, timeout=30)
+            return grpc.StatusCode.OK
+        except grpc.RpcError as err:
+            return err.code()
+
+
+def test_one_json_line_per_call_and_never_a_token(proc):
+    key = uuid.uuid4().hex
+    calls = [
+        ("UpsertOrganisation", pb.UpsertOrganisationRequest(idempotency_key=key, organisation_id=7, name="Club"),
+         ADMIN_TOKEN, "ops", "OK"),
+        ("UpsertOrganisation", pb.UpsertOrganisationRequest(idempotency_key=key, organisation_id=7, name="Club"),
+         ADMIN_TOKEN, "ops", "OK"),  # a replay is a call too
+        ("Adjust", pb.AdjustRequest(idempotency_key=uuid.uuid4().hex, account=pb.AccountRef(member_id=1),
+                                    amount_cents=5_000, description="opening"), ADMIN_TOKEN, "ops", "OK"),
+        ("Pay", pb.PayRequest(idempotency_key=uuid.uuid4().hex, member_id=1, organisation_id=7, amount_cents=100),
+         APP_TOKEN, "shop", "OK"),
+        ("GetBalance", pb.GetBalanceRequest(account=pb.AccountRef(member_id=1)), HASHED_TOKEN, "hashed-svc", "OK"),
+        ("GetBalance", pb.GetBalanceRequest(account=pb.AccountRef(member_id=1)), WRONG_TOKEN, None,
+         "UNAUTHENTICATED"),
+        ("GetBalance", pb.GetBalanceRequest(account=pb.AccountRef(member_id=1)), None, None, "UNAUTHENTICATED"),
+        ("Adjust", pb.AdjustRequest(idempotency_key=uuid.uuid4().hex, account=pb.AccountRef(member_id=1),
+                                    amount_cents=1, description="x"), APP_TOKEN, "shop", "PERMISSION_DENIED"),
+        ("Pay", pb.PayRequest(idempotency_key=uuid.uuid4().hex, member_id=1, organisation_id=7, amount_cents=0),
+         APP_TOKEN, "shop", "INVALID_ARGUMENT"),
+        ("Pay", pb.PayRequest(idempotency_key=uuid.uuid4().hex, member_id=1, organisation_id=7,
+                              amount_cents=1_000_000), APP_TOKEN, "shop", "FAILED_PRECONDITION"),
+        ("GetBalance", pb.GetBalanceRequest(account=pb.AccountRef(member_id=1)), BRIDGE_TOKEN, "bridge",
+         "PERMISSION_DENIED"),
+    ]
+    ids = []
+    for method, request, token, _, status in calls:
+        request_id = uuid.uuid4().hex[:16]
+        ids.append(request_id)
+        assert rpc(proc, method, request, token, request_id).name == status, method
+    # health checks and reflection are open and not per-call logged as service calls
+    with grpc.insecure_channel(proc.target) as channel:
+        assert health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status == \
+            health_pb2.HealthCheckResponse.SERVING
+
+    by_id: dict[str, list[dict]] = {}
+    for record in proc.records():
+        if record.get("event") == "rpc":
+            by_id.setdefault(record.get("request_id"), []).append(record)
+    for (method, _, _, principal, status), request_id in zip(calls, ids, strict=True):
+        lines = by_id.get(request_id, [])
+        assert len(lines) == 1, f"{method} {status}: expected one log line, got {lines}"
+        line = lines[0]
+        assert (line["method"], line["principal"], line["status"]) == (method, principal, status)
+        assert isinstance(line["duration_ms"], int | float) and line["duration_ms"] >= 0
+        assert line["level"] == "info" and line["timestamp"]
+    output = "\n".join(proc.lines)
+    for token in (APP_TOKEN, ADMIN_TOKEN, BRIDGE_TOKEN, WRONG_TOKEN, HASHED_TOKEN):
+        assert token not in output, "a token appeared in the log"
+        assert token not in proc.stderr
+
+
+def test_reflection_is_open(proc):
+    with grpc.insecure_channel(proc.target) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        [resp] = list(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                                                 timeout=10))
+    names = {s.name for s in resp.list_services_response.service}
+    assert "cobalt.payments.v1.PaymentsService" in names
+    assert "grpc.health.v1.Health" in names
+
+
+def test_role_table():
+    for method in ("Pay", "GetBalance", "GetStatement", "ExportStatement", "Transfer", "Subscribe", "Ack"):
+        assert allowed("app", method) and allowed("admin", method) and not allowed("stripe-bridge", method)
+    for method in ("Adjust", "UpsertMember", "UpsertOrganisation", "Settle", "SetFeeSettings", "ListBalances"):
+        assert allowed("admin", method) and not allowed("app", method) and not allowed("stripe-bridge", method)
+    assert allowed("stripe-bridge", "HandleStripeEvent")
+    assert not allowed("admin", "HandleStripeEvent") and not allowed("app", "HandleStripeEvent")
+    assert not allowed("nobody", "GetBalance")
+
+
+@pytest.mark.parametrize("spec", ["tok=alice", "tok=alice:root", "=alice:app", "tok=:app"])
+def test_bad_token_configuration_is_refused(spec):
+    with pytest.raises(TokenConfigError):
+        parse_tokens(spec)
+
+
+def test_bad_token_configuration_stops_the_server(tmp_path):
+    srv = ServerProcess(tmp_path / "p.db", "tok=alice:root")
+    with pytest.raises(RuntimeError, match="unknown role"):
+        srv.start(timeout_s=20)
+    assert srv.proc is not None and srv.proc.wait(10) != 0

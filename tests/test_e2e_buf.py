@@ -1,0 +1,157 @@
+"""End to end: `payments-server` as a subprocess, called with `buf curl --protocol grpc` through
+server reflection (no proto files), and stopped with SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import grpc
+import pytest
+from server_process import ServerProcess
+
+from cobalt.payments.v1 import payments_pb2 as pb
+from cobalt.payments.v1 import payments_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parent.parent
+BUF = ROOT / "node_modules" / ".bin" / "buf"
+SERVICE = "cobalt.payments.v1.PaymentsService"
+APP_TOKEN, ADMIN_TOKEN = "e2e-app-" + uuid.uuid4().hex, "e2e-admin-" + uuid.uuid4().hex
+SPEC = f"{APP_TOKEN}=e2e-app:app,{ADMIN_TOKEN}=e2e-ops:admin"
+
+
+@pytest.fixture(scope="module")
+def buf() -> Path:
+    if not BUF.exists():
+        message = f"{BUF.relative_to(ROOT)} is missing: `make test` installs it (npm ci)"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return BUF
+
+
+@pytest.fixture(scope="module")
+def proc(tmp_path_factory):  # noqa: ANN001, ANN201
+    srv = ServerProcess(tmp_path_factory.mktemp("e2e") / "payments.db", SPEC).start()
+    yield srv
+    assert srv.stop() == 0
+
+
+def curl(buf: Path, proc: ServerProcess, *args: str, method: str | None = None, body: dict | None = None,
+         token: str | None = None) -> subprocess.CompletedProcess:
+    cmd = [str(buf), "curl", "--protocol", "grpc", "--http2-prior-knowledge", "--timeout", "20s"]
+    if token:
+        cmd += ["-H", f"authorization: Bearer {token}"]
+    if body is not None:
+        cmd += ["-d", json.dumps(body)]
+    url = f"http://{proc.target}" + (f"/{SERVICE}/{method}" if method else "")
+    return subprocess.run([*cmd, *args, url], capture_output=True, text=True, timeout=60)
+
+
+def ok(result: subprocess.CompletedProcess) -> dict:
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout) if result.stdout.strip() else {}
+
+
+def test_lists_services_and_methods_through_reflection(buf, proc):
+    services = curl(buf, proc, "--list-services")
+    assert services.returncode == 0, services.stderr
+    assert {SERVICE, "grpc.health.v1.Health"} <= set(services.stdout.split())
+    methods = curl(buf, proc, "--list-methods")
+    assert methods.returncode == 0, methods.stderr
+    listed = set(methods.stdout.split())
+    for name in ("Pay", "GetBalance", "GetStatement", "ExportStatement", "Transfer", "Adjust", "UpsertMember",
+                 "UpsertOrganisation", "Subscribe", "Settle", "HandleStripeEvent"):
+        assert f"{SERVICE}/{name}" in listed
+
+
+def test_pay_and_balance_with_buf_curl(buf, proc):
+    ok(curl(buf, proc, method="UpsertOrganisation", token=ADMIN_TOKEN,
+            body={"idempotencyKey": uuid.uuid4().hex, "organisationId": 7, "name": "E2E Club"}))
+    adjusted = ok(curl(buf, proc, method="Adjust", token=ADMIN_TOKEN,
+                       body={"idempotencyKey": uuid.uuid4().hex, "account": {"memberId": 1}, "amountCents": 5000,
+                             "description": "opening"}))
+    assert adjusted["balanceCents"] == "5000"
+    pay_body = {"idempotencyKey": uuid.uuid4().hex, "memberId": 1, "organisationId": 7, "amountCents": 1250,
+                "description": "Entry", "paymentType": "ENTRY_TO_EVENT", "routeCode": "EVT"}
+    paid = ok(curl(buf, proc, method="Pay", token=APP_TOKEN, body=pay_body))
+    assert paid["status"] == "SUCCEEDED" and paid["balanceCents"] == "3750" and paid["paymentId"]
+    replay = curl(buf, proc, "-v", method="Pay", token=APP_TOKEN, body=pay_body)
+    assert json.loads(replay.stdout) == paid
+    assert "idempotent-replay: true" in replay.stderr.lower()
+    member = ok(curl(buf, proc, method="GetBalance", token=APP_TOKEN, body={"account": {"memberId": 1}}))
+    assert member["balanceCents"] == "3750" and member["lastMovementAt"]
+    club = ok(curl(buf, proc, method="GetBalance", token=APP_TOKEN, body={"account": {"organisationId": 7}}))
+    assert (club["balanceCents"], club["name"]) == ("1250", "E2E Club")
+    statement = ok(curl(buf, proc, method="GetStatement", token=APP_TOKEN, body={"account": {"memberId": 1}}))
+    assert [line["typeName"] for line in statement["lines"]] == ["Entry to an event", "Manual Adjustment"]
+
+
+@pytest.mark.parametrize(("method", "body", "token", "code"), [
+    ("Pay", {"memberId": 1, "organisationId": 404, "amountCents": 100}, APP_TOKEN, grpc.StatusCode.NOT_FOUND),
+    ("Pay", {"memberId": 1, "organisationId": 7, "amountCents": 0}, APP_TOKEN, grpc.StatusCode.INVALID_ARGUMENT),
+    ("GetBalance", {"account": {"memberId": 1}}, None, grpc.StatusCode.UNAUTHENTICATED),
+    ("Adjust", {"account": {"memberId": 1}, "amountCents": 1, "description": "x"}, APP_TOKEN,
+     grpc.StatusCode.PERMISSION_DENIED),
+], ids=["not-found", "invalid", "unauthenticated", "permission-denied"])
+def test_errors_give_a_non_zero_exit_code(buf, proc, method, body, token, code):
+    if method in ("Pay", "Adjust"):
+        body = {"idempotencyKey": uuid.uuid4().hex, **body}
+    result = curl(buf, proc, method=method, token=token, body=body)
+    assert result.returncode != 0
+    assert result.returncode == 8 * code.value[0], "buf curl exits with 8 × the gRPC status code"
+    error = json.loads(result.stderr[result.stderr.index("{"):])
+    assert error["code"] == code.name.lower()
+    assert error["message"]
+
+
+def test_sigterm_lets_an_in_flight_call_finish_then_exits_zero(tmp_path):
+    """A Pay waiting on the database when SIGTERM arrives still completes; then the process exits 0."""
+    db_path = tmp_path / "payments.db"
+    srv = ServerProcess(db_path, SPEC, PAYMENTS_SHUTDOWN_GRACE_S="10").start()
+    try:
+        with grpc.insecure_channel(srv.target) as channel:
+            stub = pb_grpc.PaymentsServiceStub(channel)
+            admin_md = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
+            stub.UpsertOrganisation(pb.UpsertOrganisationRequest(idempotency_key="o", organisation_id=7, name="C"),
+                                    metadata=admin_md, timeout=10)
+            stub.Adjust(pb.AdjustRequest(idempotency_key="a", account=pb.AccountRef(member_id=1), amount_cents=900,
+                                         description="opening"), metadata=admin_md, timeout=10)
+            blocker = sqlite3.connect(db_path, isolation_level=None)
+            blocker.execute("BEGIN IMMEDIATE")  # holds the write lock: the next Pay waits for it
+            outcome: dict = {}
+
+            def pay() -> None:
+                try:
+                    outcome["resp"] = stub.Pay(
+                        pb.PayRequest(idempotency_key="p", member_id=1, organisation_id=7, amount_cents=400),
+                        metadata=(("authorization", f"Bearer {APP_TOKEN}"),), timeout=20)
+                except grpc.RpcError as err:
+                    outcome["error"] = err
+
+            caller = threading.Thread(target=pay)
+            caller.start()
+            time.sleep(0.5)  # the Pay reaches the database and waits for the lock
+            srv.proc.send_signal(15)  # SIGTERM while the Pay is in flight
+            time.sleep(1.0)
+            assert srv.proc.poll() is None, "the server waits for the in-flight call"
+            blocker.execute("ROLLBACK")
+            blocker.close()
+            caller.join(20)
+        assert "error" not in outcome, outcome.get("error")
+        assert outcome["resp"].status == pb.SUCCEEDED and outcome["resp"].balance_cents == 500
+        assert srv.stop() == 0
+        events = [r.get("event") for r in srv.records()]
+        assert events[-1] == "stopped"
+        assert "Traceback" not in srv.stderr
+    finally:
+        if srv.proc is not None and srv.proc.poll() is None:
+            srv.stop()
