@@ -25,6 +25,9 @@ from server.app import PaymentsServer
 from server.config import Settings
 from server.ledger.db import Database
 
+# Card money: localstripe, a Stripe-configured server and the webhook bridge.
+pytest_plugins = ["stripe_support"]
+
 PG_URL = os.environ.get("PAYMENTS_TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 

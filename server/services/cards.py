@@ -1,0 +1,260 @@
+"""Card payments in the ledger: the `card_payments` rows we keep for every Stripe PaymentIntent, and
+what a PaymentIntent's success or failure books.
+
+A row is written as `pending` BEFORE Stripe is called, under a placeholder id derived from the Stripe
+idempotency key (`pending_<key>`); the PaymentIntent's id replaces it once Stripe answers. The
+PaymentIntent carries the key in its metadata (`cobalt_ref`), so a webhook finds the row even when
+the process crashed between Stripe's answer and our write. Every function here runs inside the
+caller's transaction; none calls Stripe.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, delete, insert, select, update
+
+from server.domain.errors import InsufficientFunds
+from server.domain.types import (
+    AutoTopUpStatus,
+    EventKind,
+    PostingType,
+    SystemAccount,
+    member_account,
+    system_account,
+)
+from server.events.outbox import NewEvent, emit
+from server.ledger import idempotency
+from server.ledger.db import as_utc, utcnow
+from server.ledger.ledger import Leg, NewTransaction, balance_of, book
+from server.ledger.schema import card_payments, member_cards
+from server.services.pay import PayCommand, new_payment_id, pay_from_balance
+from server.stripe_gateway import stripe_key
+
+log = logging.getLogger("payments.cards")
+
+MANUAL_TOP_UP, AUTO_TOP_UP, PAY = "manual_top_up", "auto_top_up", "pay"
+PENDING, SUCCEEDED, FAILED = "pending", "succeeded", "failed"
+CREDIT_TYPE = {MANUAL_TOP_UP: PostingType.MANUAL_TOP_UP, AUTO_TOP_UP: PostingType.AUTO_TOP_UP,
+               PAY: PostingType.CC_PAYMENT}
+MAX_REASON_CHARS = 200
+
+
+def placeholder_id(ref: str) -> str:
+    return f"pending_{ref}"
+
+
+@dataclass(frozen=True)
+class CardPayment:
+    payment_intent_id: str
+    member_id: int
+    purpose: str
+    amount_cents: int
+    status: str
+    payment_id: str
+    pending_request: str | None
+    principal: str
+    refunded_cents: int
+    failure_reason: str
+    created_at: datetime | None
+    applied_at: datetime | None
+
+    @property
+    def is_placeholder(self) -> bool:
+        return self.payment_intent_id.startswith("pending_")
+
+    def pay_command(self) -> PayCommand | None:
+        if not self.pending_request:
+            return None
+        return pay_command_from_json(self.pending_request)
+
+
+def _row(row) -> CardPayment:  # noqa: ANN001
+    return CardPayment(row.payment_intent_id, row.member_id, row.purpose, row.amount_cents, row.status,
+                       row.payment_id or "", row.pending_request, row.principal, row.refunded_cents,
+                       row.failure_reason or "", as_utc(row.created_at), as_utc(row.applied_at))
+
+
+def pay_command_to_json(cmd: PayCommand) -> str:
+    data = asdict(cmd)
+    data["payment_type"] = cmd.payment_type.value
+    return json.dumps(data, sort_keys=True)
+
+
+def pay_command_from_json(text: str) -> PayCommand:
+    data = json.loads(text)
+    data["payment_type"] = PostingType(data["payment_type"])
+    return PayCommand(**data)
+
+
+def get(conn: Connection, payment_intent_id: str) -> CardPayment | None:
+    row = conn.execute(select(card_payments).where(card_payments.c.payment_intent_id == payment_intent_id)).first()
+    return None if row is None else _row(row)
+
+
+def start_pending(conn: Connection, ref: str, member_id: int, purpose: str, amount_cents: int, principal: str,
+                  pending_request: str | None = None, payment_id: str | None = None) -> CardPayment:
+    """The pending row for a PaymentIntent about to be created with Stripe idempotency key `ref`.
+    A retry with the same key finds the row written by the first attempt."""
+    existing = get(conn, placeholder_id(ref))
+    if existing is not None:
+        return existing
+    conn.execute(insert(card_payments).values(
+        payment_intent_id=placeholder_id(ref), member_id=member_id, purpose=purpose, amount_cents=amount_cents,
+        status=PENDING, payment_id=payment_id or new_payment_id(), pending_request=pending_request,
+        principal=principal, created_at=utcnow()))
+    found = get(conn, placeholder_id(ref))
+    assert found is not None
+    return found
+
+
+def bind_intent(conn: Connection, ref: str, payment_intent_id: str) -> CardPayment | None:
+    """Give the pending row its PaymentIntent id (idempotent; a webhook may have done it)."""
+    bound = get(conn, payment_intent_id)
+    placeholder = get(conn, placeholder_id(ref)) if ref else None
+    if bound is not None:
+        if placeholder is not None:
+            conn.execute(delete(card_payments).where(card_payments.c.payment_intent_id == placeholder_id(ref)))
+        return bound
+    if placeholder is None:
+        return None
+    conn.execute(update(card_payments).where(card_payments.c.payment_intent_id == placeholder_id(ref))
+                 .values(payment_intent_id=payment_intent_id))
+    return get(conn, payment_intent_id)
+
+
+def find_for_intent(conn: Connection, payment_intent_id: str, metadata: dict[str, str]) -> CardPayment | None:
+    """Our row for a PaymentIntent: by its id, else by the key it carries in its metadata."""
+    return bind_intent(conn, metadata.get("cobalt_ref", ""), payment_intent_id)
+
+
+def intent_metadata(ref: str, member_id: int, purpose: str) -> dict[str, str]:
+    return {"cobalt_ref": ref, "member_id": str(member_id), "purpose": purpose}
+
+
+@dataclass
+class Applied:
+    card: CardPayment
+    applied_now: bool
+    balance_cents: int
+    reference: str = ""
+    payment_reference: str = ""
+
+
+def _set_status(conn: Connection, card: CardPayment, status: str, reason: str = "") -> CardPayment:
+    values: dict = {"status": status}
+    if status == SUCCEEDED:
+        values["applied_at"] = utcnow()
+    if reason:
+        values["failure_reason"] = reason[:MAX_REASON_CHARS]
+    conn.execute(update(card_payments).where(card_payments.c.payment_intent_id == card.payment_intent_id)
+                 .values(**values))
+    found = get(conn, card.payment_intent_id)
+    assert found is not None
+    return found
+
+
+def apply_success(conn: Connection, card: CardPayment, amount_cents: int) -> Applied:
+    """Stripe says the PaymentIntent succeeded: credit the card money (once) and, for a card payment
+    of a Pay, book the Pay with its PAYMENT_SUCCEEDED event, all in this transaction."""
+    member_acct = member_account(card.member_id)
+    if card.status == SUCCEEDED:
+        return Applied(card, False, balance_of(conn, member_acct) or 0)
+    if amount_cents != card.amount_cents:
+        # never credit what we did not ask for; an auditor will want to see this
+        log.error("card payment %s: Stripe amount %s differs from ours %s; not applied", card.payment_intent_id,
+                  amount_cents, card.amount_cents)
+        return Applied(card, False, balance_of(conn, member_acct) or 0)
+    credit_type = CREDIT_TYPE[card.purpose]
+    stripe_acct = system_account(SystemAccount.STRIPE)
+    booked = book(conn, NewTransaction(
+        type=credit_type, description=f"{credit_type.display_name} by card", principal=card.principal,
+        payment_id=card.payment_id,
+        legs=[Leg(stripe_acct, -card.amount_cents, member_acct), Leg(member_acct, card.amount_cents, stripe_acct)],
+    ))
+    card = _set_status(conn, card, SUCCEEDED)
+    balance = booked.balances_after[member_acct]
+    applied = Applied(card, True, balance, booked.reference)
+    if card.purpose != PAY:
+        emit(conn, NewEvent(EventKind.TOP_UP_SUCCEEDED, member_id=card.member_id, amount_cents=card.amount_cents,
+                            balance_cents=balance, payment_id=card.payment_id, reference=booked.reference))
+        return applied
+    cmd = card.pay_command()
+    assert cmd is not None, "a card payment of a Pay keeps the Pay to book"
+    if cmd.ensure_funds_only:
+        emit(conn, cmd.success_event(card.payment_id, booked.reference, balance))
+        return applied
+    try:
+        with conn.begin_nested():
+            result = pay_from_balance(conn, cmd, card.payment_id)
+    except InsufficientFunds as short:
+        # the balance changed since the card payment was asked for: the card money stays on the balance
+        emit(conn, NewEvent(EventKind.PAYMENT_FAILED, member_id=cmd.member_id, organisation_id=cmd.organisation_id or 0,
+                            other_member_id=cmd.other_member_id or 0, amount_cents=cmd.amount_cents,
+                            balance_cents=balance, payment_id=card.payment_id, route_code=cmd.route_code,
+                            route_payload=cmd.route_payload, event_id=cmd.event_id or 0,
+                            session_id=cmd.session_id or 0,
+                            reason=f"the card payment was credited but the balance no longer covers it ({short})"))
+        return applied
+    applied.balance_cents = result.balance_cents
+    applied.payment_reference = result.reference
+    return applied
+
+
+def mark_failed(conn: Connection, card: CardPayment, reason: str) -> CardPayment:
+    """Stripe says the PaymentIntent failed: record it once and tell subscribers."""
+    if card.status != PENDING:
+        return card
+    reason = (reason or "the card payment failed")[:MAX_REASON_CHARS]
+    card = _set_status(conn, card, FAILED, reason)
+    balance = balance_of(conn, member_account(card.member_id)) or 0
+    if card.purpose == PAY:
+        cmd = card.pay_command()
+        assert cmd is not None
+        emit(conn, NewEvent(EventKind.PAYMENT_FAILED, member_id=cmd.member_id, organisation_id=cmd.organisation_id or 0,
+                            other_member_id=cmd.other_member_id or 0, amount_cents=cmd.amount_cents,
+                            balance_cents=balance, payment_id=card.payment_id, route_code=cmd.route_code,
+                            route_payload=cmd.route_payload, event_id=cmd.event_id or 0,
+                            session_id=cmd.session_id or 0, reason=reason))
+    elif card.purpose == AUTO_TOP_UP:
+        conn.execute(update(member_cards).where(member_cards.c.member_id == card.member_id)
+                     .values(auto_top_up_status=int(AutoTopUpStatus.FAILED), updated_at=utcnow()))
+        emit(conn, NewEvent(EventKind.AUTO_TOP_UP_FAILED, member_id=card.member_id, amount_cents=card.amount_cents,
+                            balance_cents=balance, payment_id=card.payment_id, reason=reason))
+    return card
+
+
+# ---------------------------------------------------------------- idempotent requests that call Stripe
+@dataclass(frozen=True)
+class Once:
+    """One idempotent request (SPEC §3) whose flow calls Stripe: `mutate` cannot hold a transaction
+    across Stripe, so the flow checks for a stored response first, calls Stripe outside any
+    transaction, and records its response in the final transaction that books."""
+
+    principal: str
+    key: str
+    method: str
+    request_hash: str
+    encode: Callable[[Any], bytes]
+
+    def stored(self, conn: Connection) -> bytes | None:
+        found = idempotency.lookup(conn, self.principal, self.key, self.method, self.request_hash)
+        return None if found is None else found.response
+
+    def record(self, conn: Connection, result: Any) -> None:
+        idempotency.record(conn, self.principal, self.key, self.method, self.request_hash, self.encode(result))
+
+    def stripe_key(self, purpose: str) -> str:
+        return stripe_key(self.principal, self.key, purpose)
+
+
+@dataclass(frozen=True)
+class Replayed:
+    """The stored response of an earlier identical request."""
+
+    response: bytes

@@ -1,0 +1,219 @@
+"""Refund of card money back to the card (SPEC §4 Refund).
+
+A member refunds an own card payment within 12 weeks, up to what is left of it and of the balance;
+the card gets the amount less the refund fee, which goes to `federation`. Administrators refund any
+card payment up to what is left, without fee, never one they made themselves.
+
+The money is taken from the balance first (one transaction that re-checks everything), then Stripe
+is asked to refund the card, then the refund is marked done. If Stripe refuses, the hold is given
+back by a reversing transaction; if Stripe cannot be reached the hold stays pending and a retry with
+the same idempotency key completes it, so money is never refunded to a card without leaving the
+balance, nor taken twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy import Connection, func, insert, select, update
+
+from server.domain import validation
+from server.domain.errors import (
+    DomainError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+    format_cents,
+)
+from server.domain.money import MAX_AMOUNT_CENTS, REFUND_WINDOW_DAYS, fee_half_up
+from server.domain.types import EventKind, PostingType, SystemAccount, member_account, system_account
+from server.events.outbox import NewEvent, emit
+from server.ledger.db import Database, utcnow
+from server.ledger.ledger import Leg, NewTransaction, balance_of, book
+from server.ledger.schema import card_payments, refunds
+from server.services import cards
+from server.services.cards import Once, Replayed
+from server.services.fees import current_fee_settings
+from server.stripe_gateway import StripeGateway
+
+HELD, SUCCEEDED, REVERSED = "pending", "succeeded", "reversed"
+
+
+@dataclass(frozen=True)
+class RefundCommand:
+    principal: str
+    is_admin: bool
+    payment_intent_id: str
+    amount_cents: int
+    member_id: int
+
+    def validated(self) -> RefundCommand:
+        if not self.payment_intent_id.startswith("pi_") or len(self.payment_intent_id) > 100:
+            raise InvalidArgument.field("payment_intent_id", "must be a Stripe PaymentIntent id (pi_…)")
+        validation.positive_amount("amount_cents", self.amount_cents, MAX_AMOUNT_CENTS)
+        if not self.is_admin:
+            validation.positive_id("member_id", self.member_id)
+        return self
+
+
+@dataclass(frozen=True)
+class RefundResult:
+    refund_id: str
+    amount_cents: int
+    fee_cents: int
+    card_amount_cents: int
+    balance_cents: int
+    remaining_refundable_cents: int
+
+
+@dataclass(frozen=True)
+class _Hold:
+    row_id: int
+    member_id: int
+    amount_cents: int
+    fee_cents: int
+    card_amount_cents: int
+    status: str
+    stripe_refund_id: str
+
+
+def _check(conn: Connection, cmd: RefundCommand) -> tuple[cards.CardPayment, int]:
+    """The card payment, and the fee, after every rule of SPEC §4 (re-run inside the hold)."""
+    card = cards.get(conn, cmd.payment_intent_id)
+    if card is None:
+        raise NotFound(f"no card payment {cmd.payment_intent_id}")
+    if card.status != cards.SUCCEEDED:
+        raise FailedPrecondition(f"card payment {cmd.payment_intent_id} has not succeeded ({card.status})")
+    remaining = card.amount_cents - card.refunded_cents
+    if cmd.is_admin:
+        if card.principal == cmd.principal:
+            raise PermissionDenied("administrators may not refund a card payment they made themselves")
+        fee_cents = 0
+    else:
+        if cmd.member_id != card.member_id:
+            raise PermissionDenied(f"card payment {cmd.payment_intent_id} is not member {cmd.member_id}'s")
+        applied_at = card.applied_at or card.created_at
+        assert applied_at is not None
+        if utcnow() - applied_at > timedelta(days=REFUND_WINDOW_DAYS):
+            raise FailedPrecondition(f"card payments can be refunded within {REFUND_WINDOW_DAYS // 7} weeks; "
+                                     f"this one is older")
+        fee_cents = fee_half_up(cmd.amount_cents, current_fee_settings(conn).refund_fee_bp)
+    if cmd.amount_cents > remaining:
+        raise FailedPrecondition(f"only {format_cents(remaining)} of this card payment is left to refund")
+    balance = balance_of(conn, member_account(card.member_id)) or 0
+    if cmd.amount_cents > balance:
+        raise FailedPrecondition(f"insufficient funds: the balance is {format_cents(balance)}, "
+                                 f"the refund {format_cents(cmd.amount_cents)}")
+    return card, fee_cents
+
+
+def _legs(member_acct: int, amount_cents: int, fee_cents: int, sign: int) -> list[Leg]:
+    stripe_acct, federation = system_account(SystemAccount.STRIPE), system_account(SystemAccount.FEDERATION)
+    legs = [Leg(member_acct, -sign * amount_cents, stripe_acct, must_stay_non_negative=sign > 0)]
+    if amount_cents - fee_cents:
+        legs.append(Leg(stripe_acct, sign * (amount_cents - fee_cents), member_acct))
+    if fee_cents:
+        legs.append(Leg(federation, sign * fee_cents, member_acct))
+    return legs
+
+
+def _find_hold(conn: Connection, ref: str) -> _Hold | None:
+    row = conn.execute(select(refunds).where(refunds.c.stripe_refund_id == cards.placeholder_id(ref))).first()
+    if row is None:
+        return None
+    payment = conn.execute(select(card_payments.c.member_id)
+                           .where(card_payments.c.payment_intent_id == row.payment_intent_id)).scalar_one()
+    return _Hold(row.id, payment, row.amount_cents, row.fee_cents, row.card_amount_cents, row.status,
+                 row.stripe_refund_id or "")
+
+
+def _hold(conn: Connection, cmd: RefundCommand, ref: str) -> _Hold:
+    existing = _find_hold(conn, ref)
+    if existing is not None:
+        if existing.status == REVERSED:
+            raise FailedPrecondition("Stripe refused this refund earlier and the money was returned to the balance")
+        return existing
+    card, fee_cents = _check(conn, cmd)
+    taken = conn.execute(
+        update(card_payments)
+        .where(card_payments.c.payment_intent_id == card.payment_intent_id,
+               card_payments.c.refunded_cents + cmd.amount_cents <= card_payments.c.amount_cents)
+        .values(refunded_cents=card_payments.c.refunded_cents + cmd.amount_cents)
+    ).rowcount
+    if taken != 1:
+        raise FailedPrecondition("this card payment was refunded meanwhile; nothing is left to refund")
+    booked = book(conn, NewTransaction(
+        type=PostingType.CARD_REFUND, description="Card refund" + (f" (fee {format_cents(fee_cents)})" if fee_cents else ""),
+        principal=cmd.principal, payment_id=card.payment_id,
+        legs=_legs(member_account(card.member_id), cmd.amount_cents, fee_cents, +1)))
+    row_id = conn.execute(insert(refunds).values(
+        payment_intent_id=card.payment_intent_id, stripe_refund_id=cards.placeholder_id(ref),
+        amount_cents=cmd.amount_cents, fee_cents=fee_cents, card_amount_cents=cmd.amount_cents - fee_cents,
+        status=HELD, transaction_id=booked.transaction_id, principal=cmd.principal, created_at=utcnow(),
+    ).returning(refunds.c.id)).scalar_one()
+    return _Hold(row_id, card.member_id, cmd.amount_cents, fee_cents, cmd.amount_cents - fee_cents, HELD,
+                 cards.placeholder_id(ref))
+
+
+def _remaining(conn: Connection, payment_intent_id: str) -> int:
+    return conn.execute(select(card_payments.c.amount_cents - card_payments.c.refunded_cents)
+                        .where(card_payments.c.payment_intent_id == payment_intent_id)).scalar_one()
+
+
+def refund(db: Database, gateway: StripeGateway, once: Once, cmd: RefundCommand) -> RefundResult | Replayed:
+    gateway.require()
+    stored = db.read(once.stored)
+    if stored is not None:
+        return Replayed(stored)
+    ref = once.stripe_key("refund")
+    hold = db.run(lambda conn: _hold(conn, cmd, ref))
+    stripe_refund_id = ""
+    try:
+        if hold.card_amount_cents > 0:
+            stripe_refund_id = gateway.refund(cmd.payment_intent_id, hold.card_amount_cents, ref)
+    except Unavailable:
+        raise  # the hold stays; a retry with the same key completes it
+    except DomainError:
+        db.run(lambda conn: _reverse(conn, cmd, hold))
+        raise
+
+    def finish(conn: Connection) -> RefundResult | Replayed:
+        again = once.stored(conn)
+        if again is not None:
+            return Replayed(again)
+        conn.execute(update(refunds).where(refunds.c.id == hold.row_id)
+                     .values(status=SUCCEEDED, stripe_refund_id=stripe_refund_id or f"fee_only_{hold.row_id}"))
+        balance = balance_of(conn, member_account(hold.member_id)) or 0
+        card = cards.get(conn, cmd.payment_intent_id)
+        assert card is not None
+        emit(conn, NewEvent(EventKind.REFUNDED, member_id=hold.member_id, amount_cents=hold.amount_cents,
+                            balance_cents=balance, payment_id=card.payment_id,
+                            reason=f"card {format_cents(hold.card_amount_cents)}, fee {format_cents(hold.fee_cents)}"))
+        result = RefundResult(stripe_refund_id or f"fee_only_{hold.row_id}", hold.amount_cents, hold.fee_cents,
+                              hold.card_amount_cents, balance, _remaining(conn, cmd.payment_intent_id))
+        once.record(conn, result)
+        return result
+
+    return db.run(finish)
+
+
+def _reverse(conn: Connection, cmd: RefundCommand, hold: _Hold) -> None:
+    """Stripe refused the refund: give the held money back (a new transaction; postings are never undone)."""
+    done = conn.execute(update(refunds).where(refunds.c.id == hold.row_id, refunds.c.status == HELD)
+                        .values(status=REVERSED)).rowcount
+    if done != 1:
+        return
+    conn.execute(update(card_payments).where(card_payments.c.payment_intent_id == cmd.payment_intent_id)
+                 .values(refunded_cents=card_payments.c.refunded_cents - hold.amount_cents))
+    book(conn, NewTransaction(
+        type=PostingType.CARD_REFUND, description="Card refund refused by Stripe: returned", principal=cmd.principal,
+        legs=_legs(member_account(hold.member_id), hold.amount_cents, hold.fee_cents, -1)))
+
+
+def refunded_total(conn: Connection, payment_intent_id: str) -> int:
+    return conn.execute(select(func.coalesce(func.sum(refunds.c.amount_cents), 0))
+                        .where(refunds.c.payment_intent_id == payment_intent_id,
+                               refunds.c.status.in_((HELD, SUCCEEDED)))).scalar_one()

@@ -1,0 +1,94 @@
+"""Manual top-up by card (SPEC §4 StartTopUp) and the client's ConfirmCardPayment."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import Connection
+
+from server.domain import validation
+from server.domain.errors import InvalidArgument, NotFound, format_cents
+from server.domain.money import MAX_TOP_UP_CENTS, MIN_TOP_UP_CENTS
+from server.ledger.db import Database
+from server.services import auto_top_up, cards
+from server.services.cards import Once, Replayed
+from server.stripe_gateway import StripeGateway
+
+
+@dataclass(frozen=True)
+class TopUpStarted:
+    payment_intent_id: str
+    client_secret: str
+    amount_cents: int
+
+
+@dataclass(frozen=True)
+class CardPaymentState:
+    status: str  # pending | succeeded | failed
+    applied_now: bool
+    balance_cents: int
+    payment_id: str
+
+
+def check_amount(amount_cents: int, balance_cents: int) -> None:
+    """$50.00 ≤ amount ≤ $2,000.00 − balance."""
+    ceiling = MAX_TOP_UP_CENTS - max(balance_cents, 0)
+    if amount_cents < MIN_TOP_UP_CENTS:
+        raise InvalidArgument.field("amount_cents", f"a top-up is at least {format_cents(MIN_TOP_UP_CENTS)}")
+    if amount_cents > ceiling:
+        raise InvalidArgument.field(
+            "amount_cents", f"a top-up may lift the balance to at most {format_cents(MAX_TOP_UP_CENTS)}: "
+                            f"at most {format_cents(max(ceiling, 0))} now")
+
+
+def start(db: Database, gateway: StripeGateway, once: Once, member_id: int, amount_cents: int,
+          principal: str) -> TopUpStarted | Replayed:
+    gateway.require()
+    validation.positive_id("member_id", member_id)
+    stored = db.read(once.stored)
+    if stored is not None:
+        return Replayed(stored)
+    balance, _ = db.read(lambda conn: auto_top_up.balance_and_low_limit(conn, member_id))
+    check_amount(amount_cents, balance)
+    ref = once.stripe_key("top-up")
+    db.run(lambda conn: cards.start_pending(conn, ref, member_id, cards.MANUAL_TOP_UP, amount_cents, principal))
+    card = db.read(lambda conn: auto_top_up.card_of(conn, member_id))
+    intent = gateway.create_payment_intent(amount_cents, cards.intent_metadata(ref, member_id, cards.MANUAL_TOP_UP),
+                                           ref, card.customer_id if card else "")
+
+    def finish(conn: Connection) -> TopUpStarted | Replayed:
+        again = once.stored(conn)
+        if again is not None:
+            return Replayed(again)
+        cards.bind_intent(conn, ref, intent.id)
+        result = TopUpStarted(intent.id, intent.client_secret, amount_cents)
+        once.record(conn, result)
+        return result
+
+    return db.run(finish)
+
+
+def confirm_card_payment(db: Database, gateway: StripeGateway, payment_intent_id: str) -> CardPaymentState:
+    """Never trusted: the PaymentIntent is fetched from Stripe and applied if it succeeded.
+    Whichever of this and the webhook comes first applies; the other changes nothing."""
+    gateway.require()
+    if not payment_intent_id.startswith("pi_") or len(payment_intent_id) > 100:
+        raise InvalidArgument.field("payment_intent_id", "must be a Stripe PaymentIntent id (pi_…)")
+    known = db.read(lambda conn: cards.get(conn, payment_intent_id))
+    if known is None:
+        raise NotFound(f"no card payment {payment_intent_id}")
+    intent = gateway.retrieve_payment_intent(payment_intent_id)
+
+    def apply(conn: Connection) -> CardPaymentState:
+        row = cards.find_for_intent(conn, intent.id, intent.metadata)
+        assert row is not None
+        if intent.succeeded:
+            applied = cards.apply_success(conn, row, intent.amount_cents)
+            return CardPaymentState(applied.card.status, applied.applied_now, applied.balance_cents,
+                                    applied.card.payment_id)
+        if intent.failed:
+            row = cards.mark_failed(conn, row, intent.failure_reason)
+        balance, _ = auto_top_up.balance_and_low_limit(conn, row.member_id)
+        return CardPaymentState(row.status, False, balance, row.payment_id)
+
+    return db.run(apply)
