@@ -1,0 +1,114 @@
+"""Wake-ups across server processes: PostgreSQL LISTEN/NOTIFY on one dedicated connection per process.
+
+A NOTIFY is sent *after* a commit that wrote events, from this connection, never inside the writing
+transaction: PostgreSQL serialises the commits of transactions that issued NOTIFY behind one global
+lock, which would put every Pay in single file. Bursts of local commits are coalesced into one NOTIFY.
+A notification is only a hint: a lost one (a crash between commit and NOTIFY, a dropped connection)
+delays delivery until the reader's next poll, never loses an event; the outbox table is the truth.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import threading
+from collections.abc import Callable
+
+import structlog
+from sqlalchemy import Engine
+
+CHANNEL = "payments_outbox"
+SELECT_TIMEOUT_S = 1.0
+RECONNECT_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
+
+log = structlog.get_logger("payments.events")
+
+
+class PgWakeups:
+    def __init__(self, engine: Engine, on_remote_commit: Callable[[], None]):
+        self._engine = engine
+        self._on_remote_commit = on_remote_commit
+        self._stop = threading.Event()
+        self._pipe_r, self._pipe_w = os.pipe()
+        os.set_blocking(self._pipe_r, False)
+        os.set_blocking(self._pipe_w, False)
+        self._thread = threading.Thread(target=self._run, name="events-listen", daemon=True)
+        self.notifies_sent = 0
+        self.notifies_received = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._poke()
+        self._thread.join(5)
+        for fd in (self._pipe_r, self._pipe_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def local_commit(self) -> None:
+        """Thread-safe and cheap: ask the listener thread to NOTIFY the other processes."""
+        self._poke()
+
+    def _poke(self) -> None:
+        try:
+            os.write(self._pipe_w, b"!")
+        except (BlockingIOError, OSError):
+            pass  # the pipe is full: a NOTIFY is due anyway
+
+    def _connect(self):  # noqa: ANN202 - a DBAPI connection
+        cargs, cparams = self._engine.dialect.create_connect_args(self._engine.url)
+        conn = self._engine.dialect.connect(*cargs, **cparams)
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(f"LISTEN {CHANNEL}")
+        return conn
+
+    def _drain_pipe(self) -> bool:
+        poked = False
+        while True:
+            try:
+                if not os.read(self._pipe_r, 4096):
+                    return poked
+                poked = True
+            except BlockingIOError:
+                return poked
+
+    def _run(self) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            conn = None
+            try:
+                conn = self._connect()
+                failures = 0
+                own_pid = conn.get_backend_pid()
+                self._on_remote_commit()  # notifications may have been missed while disconnected
+                while not self._stop.is_set():
+                    readable, _, _ = select.select([conn, self._pipe_r], [], [], SELECT_TIMEOUT_S)
+                    if conn in readable:
+                        conn.poll()
+                        remote = any(n.pid != own_pid for n in conn.notifies)
+                        conn.notifies.clear()
+                        if remote:
+                            self.notifies_received += 1
+                            self._on_remote_commit()
+                    if self._pipe_r in readable and self._drain_pipe() and not self._stop.is_set():
+                        with conn.cursor() as cur:
+                            cur.execute(f"NOTIFY {CHANNEL}")
+                        self.notifies_sent += 1
+            except Exception as exc:  # noqa: BLE001 - keep listening; polling covers the gap
+                delay = RECONNECT_BACKOFF_S[min(failures, len(RECONNECT_BACKOFF_S) - 1)]
+                failures += 1
+                if not self._stop.is_set():
+                    log.warning("event listener connection failed; retrying", error=type(exc).__name__,
+                                retry_in_s=delay)
+                    self._stop.wait(delay)
+            finally:
+                if conn is not None:
+                    try:
+                        conn.close()
+                    except Exception:  # noqa: BLE001
+                        pass
