@@ -1,0 +1,97 @@
+"""The table, the JSON and the PNG."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).parent / "results"
+
+
+def table(results: dict) -> str:
+    rows = results["scenarios"]
+    floor = rows.get("floor_spread", {}).get("per_s") or 0
+    header = f"{'scenario':<26} {'ops/s':>9} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'x floor':>8}  note"
+    lines = [header, "-" * len(header)]
+    for name, row in rows.items():
+        if row.get("skipped"):
+            lines.append(f"{name:<26} {'-':>9} {'-':>8} {'-':>8} {'-':>8} {'-':>8}  {row['skipped']}")
+            continue
+        ratio = f"{row['per_s'] / floor:.2f}" if floor and row.get("throughput") else ""
+        lines.append(
+            f"{name:<26} {row['per_s']:>9.0f} {_ms(row['p50_ms'])} {_ms(row['p95_ms'])} {_ms(row['p99_ms'])} "
+            f"{ratio:>8}  {row.get('note', '')}"
+        )
+    lines.append("")
+    for check in results.get("targets", []):
+        lines.append(f"[{'met' if check['met'] else 'MISSED'}] {check['target']}: {check['value']}")
+    return "\n".join(lines)
+
+
+def _ms(value: float | None) -> str:
+    return f"{value:>8.2f}" if value is not None else f"{'-':>8}"
+
+
+def targets(rows: dict) -> list[dict]:
+    out: list[dict] = []
+
+    def get(name: str, key: str):  # noqa: ANN202
+        row = rows.get(name) or {}
+        return None if row.get("skipped") else row.get(key)
+
+    floor, spread, hot = get("floor_spread", "per_s"), get("pay_spread", "per_s"), get("pay_hot", "per_s")
+    if floor and spread:
+        out.append({"target": "Pay spread >= 0.5 x floor", "value": f"{spread / floor:.2f} x",
+                    "met": spread / floor >= 0.5})
+        p99 = get("pay_spread", "p99_ms")
+        out.append({"target": "Pay spread p99 <= 50 ms", "value": f"{p99} ms", "met": p99 is not None and p99 <= 50})
+    if spread and hot:
+        out.append({"target": "Pay hot >= 0.9 x Pay spread", "value": f"{hot / spread:.2f} x",
+                    "met": hot / spread >= 0.9})
+    for name in ("statement_first_page", "statement_deep_page"):
+        p50 = get(name, "p50_ms")
+        if p50 is not None:
+            out.append({"target": f"{name} p50 <= 10 ms", "value": f"{p50} ms", "met": p50 <= 10})
+    for name, limit in (("delivery_one_process", 20), ("delivery_two_processes", 50)):
+        p99 = get(name, "p99_ms")
+        if p99 is not None:
+            out.append({"target": f"{name} p99 <= {limit} ms", "value": f"{p99} ms", "met": p99 <= limit})
+    return out
+
+
+def write_json(results: dict, stem: str) -> Path:
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{stem}.json"
+    path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    return path
+
+
+def draw_png(results: dict, stem: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = {k: v for k, v in results["scenarios"].items() if not v.get("skipped") and v.get("p50_ms") is not None}
+    names = list(rows)
+    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(names) + 2), 5))
+    width = 0.27
+    for i, (key, label) in enumerate((("p50_ms", "p50"), ("p95_ms", "p95"), ("p99_ms", "p99"))):
+        xs = [n + (i - 1) * width for n in range(len(names))]
+        ax.bar(xs, [max(rows[n][key], 0.01) for n in names], width, label=label)
+    ax.set_yscale("log")
+    ax.set_ylabel("latency (ms, log scale)")
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(
+        [f"{n}\n{rows[n]['per_s']:.0f}/s" for n in names], rotation=30, ha="right", fontsize=8
+    )
+    ax.axhline(50, color="grey", linestyle=":", linewidth=1)
+    ax.axhline(10, color="grey", linestyle=":", linewidth=1)
+    ax.set_title(f"Cobalt Payments latency percentiles per scenario ({results['mode']} run, {results['started_at']})")
+    ax.legend()
+    fig.tight_layout()
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{stem}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

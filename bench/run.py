@@ -1,0 +1,204 @@
+"""`python -m bench.run [--quick]`: the service against the PostgreSQL floor, in one run.
+
+Creates its own database on PAYMENTS_BENCH_POSTGRES_URL (dropped at the end), seeds it in bulk,
+measures the bare-SQL floor, then the server (its own process) under load, checks the ledger
+invariants after every scenario, prints a table and writes JSON and a PNG under bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from bench import floor, load, report
+from bench.database import BenchDatabase, Seed
+from server.domain.types import member_account
+from server.services.statements import _encode_token
+
+DEFAULT_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+
+
+@dataclass(frozen=True)
+class Plan:
+    mode: str
+    seed: Seed
+    floor_threads: int
+    in_flight: int
+    floor_s: float
+    pay_s: float
+    other_s: float
+    read_s: float
+    warmup_s: float
+    deep_depth: int
+    subscribers: int
+    delivery_rate_per_s: float
+    delivery_s: float
+
+
+FULL = Plan("full", Seed(members=10_000, organisations=100, statement_postings=1_000_000), floor_threads=16,
+            in_flight=64, floor_s=12, pay_s=20, other_s=10, read_s=6, warmup_s=2, deep_depth=500_000,
+            subscribers=100, delivery_rate_per_s=20, delivery_s=8)
+QUICK = Plan("quick", Seed(members=1_000, organisations=100, statement_postings=20_000), floor_threads=4,
+             in_flight=8, floor_s=1, pay_s=1.5, other_s=1, read_s=0.5, warmup_s=0.3, deep_depth=10_000,
+             subscribers=10, delivery_rate_per_s=10, delivery_s=1)
+
+
+def machine() -> dict:
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return {"cpus": os.cpu_count(), "cpu_model": model, "platform": platform.platform(),
+            "python": platform.python_version()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
+    parser.add_argument("--servers", type=int, default=1, help="server processes sharing the load (default 1)")
+    parser.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="extra environment for the server processes, e.g. PAYMENTS_DB_THREADS=8")
+    parser.add_argument("--only", default="", help="comma-separated scenario prefixes to run (default: all)")
+    parser.add_argument("--out", default="", help="results file stem (default: bench-<mode>-<time>)")
+    args = parser.parse_args(argv)
+    plan = QUICK if args.quick else FULL
+    base_url = os.environ.get("PAYMENTS_BENCH_POSTGRES_URL", DEFAULT_URL)
+    server_env = dict(item.split("=", 1) for item in args.server_env)
+    only = [p for p in args.only.split(",") if p]
+    started_at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    results: dict = {"mode": plan.mode, "started_at": started_at, "machine": machine(), "servers": args.servers,
+                     "server_env": server_env, "plan": {k: str(v) for k, v in plan.__dict__.items()}, "scenarios": {}}
+    t0 = time.perf_counter()
+    db = BenchDatabase(base_url)
+    db.create()
+    servers: list[load.ServerProcess] = []
+    try:
+        with db.connect() as conn, conn.cursor() as cur:
+            cur.execute("SHOW server_version")
+            results["machine"]["postgresql"] = cur.fetchone()[0]
+        print(f"seeding {plan.seed.members} members, {plan.seed.organisations} organisations, "
+              f"{plan.seed.statement_postings} statement postings ...", flush=True)
+        results["seed_s"] = round(db.seed(plan.seed), 1)
+        print(f"seeded in {results['seed_s']} s", flush=True)
+        run_scenarios(plan, db, results, servers, args.servers, server_env, only)
+        results["final_check"] = db.check_invariants("the whole run", full=True)
+    finally:
+        for s in servers:
+            s.stop()
+        db.drop()
+    results["total_s"] = round(time.perf_counter() - t0, 1)
+    results["targets"] = report.targets(results["scenarios"])
+    stem = args.out or f"bench-{plan.mode}-{started_at.replace(':', '')}"
+    json_path = report.write_json(results, stem)
+    png_path = report.draw_png(results, stem)
+    m = results["machine"]
+    print()
+    print(f"machine: {m['cpus']} cpus ({m['cpu_model']}), PostgreSQL {m['postgresql']}, Python {m['python']}; "
+          f"{args.servers} server process(es); total {results['total_s']} s")
+    print(report.table(results))
+    print(f"\nwrote {json_path} and {png_path}")
+    print("ledger invariants held after every scenario")
+    return 0
+
+
+def run_scenarios(plan: Plan, db: BenchDatabase, results: dict, servers: list, n_servers: int,
+                  server_env: dict, only: list[str]) -> None:
+    rows = results["scenarios"]
+    orgs = list(range(1, plan.seed.organisations + 1))
+    members = plan.seed.members
+
+    def wanted(name: str) -> bool:
+        return not only or any(name.startswith(p) for p in only)
+
+    def record(name: str, samples, *, throughput: bool = True, note: str = "") -> None:  # noqa: ANN001
+        row = samples.summary()
+        row["throughput"] = throughput
+        row["note"] = note
+        row["invariants"] = db.check_invariants(name)
+        rows[name] = row
+        print(f"  {name:<26} {row['per_s']:>8.0f}/s  p50 {row['p50_ms']} ms  p99 {row['p99_ms']} ms  "
+              f"(invariants ok, {row['invariants']['check_s']} s)", flush=True)
+
+    # 1. the floor
+    for name, payees in (("floor_spread", orgs), ("floor_hot", orgs[:1])):
+        if wanted(name):
+            s = floor.run_floor(db.connect, threads=plan.floor_threads, duration_s=plan.floor_s, members=members,
+                                organisations=payees)
+            record(name, s, note=f"bare psycopg2, {plan.floor_threads} threads, "
+                                 f"{'one organisation' if len(payees) == 1 else f'{len(payees)} organisations'}")
+
+    for i in range(n_servers):
+        srv = load.ServerProcess(db.url, env=server_env, name=f"server{i}")
+        servers.append(srv)
+        srv.start()
+    targets = [s.target for s in servers]
+    flight = plan.in_flight
+
+    async def closed(call, duration_s: float, in_flight: int = flight, warmup_s: float = 0.0):  # noqa: ANN001, ANN202
+        return await load.closed_loop(targets, call, in_flight=in_flight, duration_s=duration_s, warmup_s=warmup_s)
+
+    # 2-3. Pay
+    if wanted("pay_spread"):
+        s = asyncio.run(closed(load.pay_call(members, orgs), plan.pay_s, warmup_s=plan.warmup_s))
+        record("pay_spread", s, note=f"gRPC, {flight} in flight, {len(orgs)} organisations")
+    if wanted("pay_hot"):
+        s = asyncio.run(closed(load.pay_call(members, orgs[:1]), plan.pay_s, warmup_s=plan.warmup_s))
+        record("pay_hot", s, note=f"gRPC, {flight} in flight, one organisation")
+    # 4. Transfer, GetBalance, GetStatement
+    if wanted("transfer"):
+        s = asyncio.run(closed(load.transfer_call(members), plan.other_s))
+        record("transfer", s, note=f"member to member, {flight} in flight")
+    if wanted("get_balance"):
+        s = asyncio.run(closed(load.balance_call(members), plan.read_s))
+        record("get_balance", s, note=f"{flight} in flight")
+    stmt_member = plan.seed.statement_member_id
+    if wanted("statement"):
+        created_at, posting_id = db.statement_deep_token_key(member_account(stmt_member), plan.deep_depth - 1)
+        deep_token = _encode_token(created_at, posting_id)
+        for name, token, label in (("statement_first_page", "", "first page"),
+                                   ("statement_deep_page", deep_token, f"{plan.deep_depth:,} rows deep")):
+            s = asyncio.run(closed(load.statement_call(stmt_member, token), plan.read_s, in_flight=4, warmup_s=0.2))
+            record(name, s, throughput=False,
+                   note=f"{label}, 50 lines, {plan.seed.statement_postings:,} postings, 4 in flight")
+    # 5. commit -> Subscribe delivery
+    if wanted("delivery"):
+        run_delivery(plan, db, results, servers, server_env, record)
+
+
+def run_delivery(plan: Plan, db: BenchDatabase, results: dict, servers: list, server_env: dict, record) -> None:  # noqa: ANN001
+    rows = results["scenarios"]
+    orgs = list(range(1, plan.seed.organisations + 1))
+    ok, why = asyncio.run(load.subscribe_available(servers[0].target))
+    if not ok:
+        for name in ("delivery_one_process", "delivery_two_processes"):
+            rows[name] = {"skipped": f"Subscribe not available on this server ({why})"}
+        print(f"  delivery: skipped, Subscribe is not available ({why})", flush=True)
+        return
+    if len(servers) < 2:
+        second = load.ServerProcess(db.url, env=server_env, name="server-b")
+        servers.append(second)
+        second.start()
+    for name, sub_target in (("delivery_one_process", servers[0].target),
+                             ("delivery_two_processes", servers[1].target)):
+        with db.connect() as conn, conn.cursor() as cur:
+            cur.execute("SELECT COALESCE(max(sequence), 0) FROM outbox_events")
+            after = cur.fetchone()[0]
+        s = asyncio.run(load.delivery(servers[0].target, sub_target, subscribers=plan.subscribers,
+                                      after_sequence=after, members=plan.seed.members, organisations=orgs,
+                                      rate_per_s=plan.delivery_rate_per_s, duration_s=plan.delivery_s))
+        if s.errors:
+            raise AssertionError(f"{name}: {s.errors} events were not delivered to every subscriber")
+        record(name, s, throughput=False,
+               note=f"{plan.subscribers} subscribers, {plan.delivery_rate_per_s:.0f} Pay/s; per delivered event")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

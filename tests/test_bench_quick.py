@@ -1,0 +1,72 @@
+"""The benchmark harness keeps working: `python -m bench.run --quick` against PostgreSQL runs every
+scenario and the ledger invariants hold after each. It asserts that it runs, not how fast."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import IN_CI, PG_URL, _pg_reachable
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = [pytest.mark.postgres, pytest.mark.e2e]
+
+
+def test_bench_quick_runs_and_the_invariants_hold() -> None:
+    problem = _pg_reachable()
+    if problem is not None:
+        if IN_CI:
+            pytest.fail(f"PostgreSQL unreachable: {problem}")
+        pytest.skip(f"PostgreSQL unreachable: {problem}")
+    stem = f"test-quick-{uuid.uuid4().hex[:8]}"
+    env = dict(os.environ, PAYMENTS_BENCH_POSTGRES_URL=PG_URL)
+    proc = subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--out", stem], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=240)
+    results = ROOT / "bench" / "results"
+    try:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "ledger invariants held after every scenario" in proc.stdout
+        data = json.loads((results / f"{stem}.json").read_text())
+        assert (results / f"{stem}.png").stat().st_size > 1000
+        rows = data["scenarios"]
+        for name in ("floor_spread", "floor_hot", "pay_spread", "pay_hot", "transfer", "get_balance",
+                     "statement_first_page", "statement_deep_page"):
+            assert rows[name]["count"] > 0, name
+            assert rows[name]["invariants"]["ok"] is True, name
+            assert rows[name]["p50_ms"] <= rows[name]["p99_ms"], name
+        assert data["final_check"]["ok"] is True
+        for name in ("delivery_one_process", "delivery_two_processes"):
+            assert rows[name].get("skipped") or rows[name]["count"] > 0, name
+        assert "x floor" in proc.stdout  # the table was printed
+    finally:
+        for suffix in (".json", ".png"):
+            (results / f"{stem}{suffix}").unlink(missing_ok=True)
+
+
+def test_bench_invariant_check_fails_loudly_on_a_broken_ledger() -> None:
+    problem = _pg_reachable()
+    if problem is not None:
+        if IN_CI:
+            pytest.fail(f"PostgreSQL unreachable: {problem}")
+        pytest.skip(f"PostgreSQL unreachable: {problem}")
+    from bench.database import BenchDatabase, Seed
+
+    db = BenchDatabase(PG_URL)
+    db.create()
+    try:
+        db.seed(Seed(members=20, organisations=2, statement_postings=100))
+        assert db.check_invariants("clean")["ok"] is True
+        with db.connect() as conn, conn.cursor() as cur:  # money from nowhere: balances no longer sum to zero
+            cur.execute("UPDATE accounts SET balance_cents = balance_cents + 1 WHERE id = (SELECT min(id) FROM accounts "
+                        "WHERE kind = 1)")
+        with pytest.raises(AssertionError, match="INVARIANTS BROKEN"):
+            db.check_invariants("corrupted")
+    finally:
+        db.drop()
