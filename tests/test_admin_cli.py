@@ -1,0 +1,199 @@
+"""payments-admin driven as a subprocess against a running server."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import TOKENS
+
+from clients.admin_cli import format_cents, parse_dollars
+from server.domain.types import SystemAccount
+
+# the command line is the same whatever the database: these run against the SQLite server
+sqlite_only = pytest.mark.parametrize("server", ["sqlite"], indirect=True)
+
+_SCRIPT = Path(sys.executable).with_name("payments-admin")
+COMMAND = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "clients.admin_cli"]
+
+
+@pytest.fixture
+def cli(server, tmp_path):  # noqa: ANN001, ANN201
+    """Run payments-admin with the admin token in the environment; a clean HOME (no config file)."""
+    home = tmp_path / "home"
+    home.mkdir()
+
+    def run(*args: str, token: str | None = TOKENS["admin"], stdin: str = "", target: str | None = None,
+            cwd: Path = tmp_path) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if k not in ("PAYMENTS_TOKEN", "COLUMNS", "XDG_CONFIG_HOME")}
+        env.update(HOME=str(home), PAYMENTS_TARGET=target or server.target, PYTHONPATH=os.getcwd())
+        if token is not None:
+            env["PAYMENTS_TOKEN"] = token
+        return subprocess.run([*COMMAND, *args], env=env, input=stdin, capture_output=True, text=True, timeout=60,
+                              cwd=cwd)
+
+    run.home = home  # type: ignore[attr-defined]
+    return run
+
+
+def fund(admin, app, org_id: int, cents: int, member_id: int) -> None:  # noqa: ANN001
+    admin.adjust(cents, "credit", member_id=member_id)
+    app.pay(member_id, cents, organisation_id=org_id, description="Entry")
+
+
+def test_money_formats():
+    assert [format_cents(c) for c in (0, 5, 12_345, -123_456, 100_000_000)] == [
+        "$0.00", "$0.05", "$123.45", "-$1,234.56", "$1,000,000.00"]
+    assert [parse_dollars(t) for t in ("12", "12.5", "$1,234.56", "-5.00", "0.07", "-$3")] == [
+        1_200, 1_250, 123_456, -500, 7, -300]
+    for bad in ("12.345", "1,23", "abc", "", "1e3", "12.", "--5"):
+        with pytest.raises(ValueError):
+            parse_dollars(bad)
+
+
+@sqlite_only
+def test_settle_with_yes_writes_the_bank_file(server, app, admin, cli, tmp_path):
+    admin.upsert_organisation(10, "North Shore BC", bsb="062-000", account_number="12345678")
+    admin.upsert_organisation(11, "Harbour BC", bsb="123-456", account_number="87654321",
+                              minimum_balance_cents=20_000, settlement_fee_bp=225)
+    fund(admin, app, 10, 12_345, member_id=1)
+    fund(admin, app, 11, 32_345, member_id=2)
+    bank_before = admin.list_balances(3).rows
+    res = cli("settle", "--yes", "--bank-csv", "bank.csv")
+    assert res.returncode == 0, res.stderr
+    assert "$123.45" in res.stdout and "$120.98" in res.stdout and "$120.67" in res.stdout
+    assert "Settled: batch stl_" in res.stdout
+    rows = list(csv.DictReader((tmp_path / "bank.csv").open()))
+    assert [(r["Organisation ID"], r["BSB"], r["Account Number"], r["Amount"]) for r in rows] == [
+        ("10", "062-000", "12345678", "120.98"), ("11", "123-456", "87654321", "120.67")]
+    assert all(r["Reference"].startswith("SET-") and r["Batch"].startswith("stl_") for r in rows)
+    # the bank account received exactly what the bank file pays out
+    bank_now = {r.system_account: r.balance_cents for r in admin.list_balances(3).rows}
+    before = {r.system_account: r.balance_cents for r in bank_before}
+    assert bank_now["bank"] - before.get("bank", 0) == sum(parse_dollars(r["Amount"]) for r in rows) == 24_165
+    assert admin.balance_cents(organisation_id=10) == 0 and admin.balance_cents(organisation_id=11) == 20_000
+    again = cli("settle", "--yes")
+    assert again.returncode == 0 and "Nothing to settle" in again.stdout
+
+
+@sqlite_only
+def test_settle_asks_first(server, app, admin, cli):
+    admin.upsert_organisation(10, "North Shore BC", bsb="062-000", account_number="12345678")
+    fund(admin, app, 10, 5_000, member_id=1)
+    declined = cli("settle", stdin="n\n")
+    assert declined.returncode == 5 and "nothing was done" in declined.stderr
+    assert "$50.00" in declined.stdout  # the dry-run table was shown
+    assert admin.balance_cents(organisation_id=10) == 5_000
+    no_answer = cli("settle")  # no terminal, no --yes: nothing happens
+    assert no_answer.returncode == 5
+    accepted = cli("settle", "10", stdin="y\n")
+    assert accepted.returncode == 0, accepted.stderr
+    assert admin.balance_cents(organisation_id=10) == 0
+    fed = {r.system_account: r.balance_cents for r in admin.list_balances(3).rows}[SystemAccount.FEDERATION.code]
+    assert fed == 100
+
+
+@sqlite_only
+def test_statement_csv_parses_back_to_the_ledger(server, app, admin, cli, tmp_path):
+    admin.upsert_organisation(7, "Club, with a comma", bsb="062-000", account_number="12345678")
+    admin.upsert_member(1, "Ann O'Neil")
+    admin.adjust(100_000, "credit", member_id=1)
+    for cents in (1_234, 99_00, 5):
+        app.pay(1, cents, organisation_id=7, description='Entry "pairs", 7pm')
+    admin.transfer(2, 1_000, from_organisation_id=7, description="prize")
+    admin.settle([7])
+    res = cli("statement", "--org", "7", "--csv", "club.csv")
+    assert res.returncode == 0, res.stderr
+    with (tmp_path / "club.csv").open(newline="") as fh:
+        parsed = list(csv.DictReader(fh))
+    ledger = admin.get_statement(organisation_id=7, page_size=500)
+    assert [r["Reference"] for r in parsed] == [line.reference for line in ledger.lines]
+    assert [parse_dollars(r["Amount"]) for r in parsed] == [line.amount_cents for line in ledger.lines]
+    assert [parse_dollars(r["Balance"]) for r in parsed] == [line.balance_after_cents for line in ledger.lines]
+    assert [r["Type"] for r in parsed] == [line.type_name for line in ledger.lines]
+    assert sum(parse_dollars(r["Amount"]) for r in parsed) == ledger.closing_balance_cents
+    assert parsed[-1]["Counterparty"] == "Ann O'Neil (member 1)"
+    assert parsed[-1]["Description"] == 'Entry "pairs", 7pm'
+    table = cli("statement", "--org", "7", "--limit", "3")
+    assert table.returncode == 0 and "Settlement" in table.stdout and "more: --limit or --csv" in table.stdout
+    to_stdout = cli("statement", "--member", "1", "--csv", "-")
+    assert to_stdout.returncode == 0
+    rows = list(csv.DictReader(io.StringIO(to_stdout.stdout)))
+    assert parse_dollars(rows[0]["Balance"]) == admin.balance_cents(member_id=1)
+
+
+@sqlite_only
+def test_bad_token_and_missing_token(server, cli, tmp_path):
+    bad = cli("summary", token="not-the-token")
+    assert bad.returncode == 3
+    assert "did not accept the token" in bad.stderr and "Traceback" not in bad.stderr
+    app_role = cli("summary", token=TOKENS["app"])
+    assert app_role.returncode == 3 and "PERMISSION_DENIED" in app_role.stderr
+    missing = cli("summary", token=None)
+    assert missing.returncode == 3 and "PAYMENTS_TOKEN" in missing.stderr
+    # the config file, and --token-file
+    config = cli.home / ".config" / "cobalt-payments"
+    config.mkdir(parents=True)
+    (config / "token").write_text(TOKENS["admin"] + "\n")
+    (config / "token").chmod(0o600)
+    assert cli("summary", token=None).returncode == 0
+    other = tmp_path / "tok"
+    other.write_text("wrong\n")
+    assert cli("--token-file", str(other), "summary").returncode == 3  # the flag wins over the environment
+
+
+@sqlite_only
+def test_unknown_organisation_unreachable_and_usage(server, admin, cli):
+    for args in (["balance", "--org", "99"], ["settle", "99", "--yes"], ["organisations", "show", "99"],
+                 ["statement", "--org", "99"]):
+        res = cli(*args)
+        assert res.returncode == 1, (args, res.stderr)
+        assert "organisation 99 is not registered" in res.stderr and "Traceback" not in res.stderr
+    # members exist from their first use (SPEC §2): an unheard-of member has $0.00
+    res = cli("balance", "--member", "4242")
+    assert res.returncode == 0 and "$0.00" in res.stdout
+    res = cli("adjust", "--member", "1", "12.5x", "-d", "oops", "--yes")
+    assert res.returncode == 2 and "not an amount" in res.stderr
+    res = cli("settle", "--frobnicate")
+    assert res.returncode == 2
+    res = cli("organisations", "upsert", "5", "--name", "X", "--bsb", "12")
+    assert res.returncode == 1 and "bsb" in res.stderr
+    res = cli("--timeout", "5", "summary", target="127.0.0.1:1")
+    assert res.returncode == 4 and "cannot reach" in res.stderr
+    assert list(admin.list_organisations().organisations) == []
+
+
+@sqlite_only
+def test_json_and_other_commands(server, app, admin, cli):
+    admin.upsert_organisation(7, "Club", bsb="062-000", account_number="12345678")
+    fund(admin, app, 7, 2_500, member_id=1)
+    adj = cli("adjust", "--member", "3", "-7.25", "-d", "correction", "--yes")
+    assert adj.returncode == 0 and "-$7.25" in adj.stdout and "below zero" in adj.stderr
+    summary = json.loads(cli("--json", "summary").stdout)
+    assert int(summary["organisation_balances_cents"]) == 2_500
+    assert int(summary["member_balances_cents"]) == -725
+    assert int(summary["ledger_sum_cents"]) == 0
+    balances = json.loads(cli("--json", "balances").stdout)
+    assert int(balances["total_cents"]) == 2_500 - 725 and int(balances["count"]) == 2
+    assert "$25.00" in cli("balances", "--kind", "organisations").stdout
+    up = cli("organisations", "upsert", "7", "--fee-bp", "150", "--minimum", "10")
+    assert up.returncode == 0, up.stderr
+    org = admin.list_organisations([7]).organisations[0]
+    assert (org.name, org.bsb, org.settlement_fee_bp, org.minimum_balance_cents) == ("Club", "062-000", 150, 1_000)
+    assert "1.50%" in cli("organisations", "list").stdout
+    assert cli("organisations", "upsert", "7", "--default-fee").returncode == 0
+    assert not admin.list_organisations([7]).organisations[0].HasField("settlement_fee_bp")
+    fees = cli("fees", "set", "--settlement-bp", "225", "--low-balance", "25.00")
+    assert fees.returncode == 0, fees.stderr
+    current = admin.get_fee_settings().current
+    assert (current.settlement_fee_bp, current.low_balance_limit_cents, current.refund_fee_bp) == (225, 2_500, 300)
+    assert "2.25%" in cli("fees", "show").stdout
+    dry = json.loads(cli("--json", "settle", "--dry-run").stdout)
+    assert [int(r["gross_cents"]) for r in dry["rows"]] == [1_500] and dry["dry_run"] is True
+    assert admin.balance_cents(organisation_id=7) == 2_500
