@@ -25,7 +25,7 @@ import re
 import stat
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -39,6 +39,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from rich.prompt import Confirm
 from rich.table import Table
 
+from clients import events
 from clients.payments_client import PaymentsClient, account, new_idempotency_key
 from cobalt.payments.v1 import payments_pb2 as pb
 
@@ -623,24 +624,13 @@ def cmd_fees(client: PaymentsClient, args: argparse.Namespace) -> int:
 
 
 def cmd_events(client: PaymentsClient, args: argparse.Namespace) -> int:
+    """Follow the event stream (clients/events.py), one line or one JSON object per event."""
+    stream = events.tail(client, route_codes=args.route, kinds=args.kind, after_sequence=args.after,
+                         consumer=args.consumer or "")
     try:
-        from clients import events  # written alongside the event stream
-    except ImportError as exc:
-        raise CliError("events tail is not available in this build (clients/events.py is missing)") from exc
-    tail: Callable[..., Iterator] = events.tail
-    kinds = [pb.EventKind.Value(k.upper()) for k in args.kind]
-    try:
-        for ev in tail(client, route_codes=args.route, kinds=kinds, after_sequence=args.after,
-                       consumer=args.consumer or ""):
-            if args.json:
-                out.print(json_format.MessageToJson(ev, preserving_proto_field_name=True, indent=None))
-                continue
-            who = f"member {ev.member_id}" if ev.member_id else (f"org {ev.organisation_id}" if ev.organisation_id
-                                                                  else "")
-            out.print(f"{ev.sequence:>8} {show_time(ev.time)} {pb.EventKind.Name(ev.kind):<18} {who:<14} "
-                      f"{format_cents(ev.amount_cents):>12} {ev.route_code} {ev.reference} {ev.reason}".rstrip())
+        events.print_events(stream, sys.stdout, as_json=args.json)
     except KeyboardInterrupt:
-        return EXIT_OK
+        pass
     return EXIT_OK
 
 
@@ -768,7 +758,8 @@ def build_parser() -> argparse.ArgumentParser:
     tail = esub.add_parser("tail", help="follow events (Ctrl-C stops)")
     tail.add_argument("--route", action="append", default=[], help="route code (repeatable)")
     tail.add_argument("--kind", action="append", default=[], choices=[k.lower() for k in pb.EventKind.keys()[1:]])
-    tail.add_argument("--after", type=int, default=0, metavar="SEQUENCE")
+    tail.add_argument("--after", type=int, default=0, metavar="SEQUENCE",
+                      help="after this sequence (0: oldest kept, or the consumer's last ack; -1: only new events)")
     tail.add_argument("--consumer", help="durable consumer name")
     p.set_defaults(run=cmd_events)
     return parser

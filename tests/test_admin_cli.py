@@ -197,3 +197,21 @@ def test_json_and_other_commands(server, app, admin, cli):
     dry = json.loads(cli("--json", "settle", "--dry-run").stdout)
     assert [int(r["gross_cents"]) for r in dry["rows"]] == [1_500] and dry["dry_run"] is True
     assert admin.balance_cents(organisation_id=7) == 2_500
+
+
+@sqlite_only
+def test_events_tail_shows_settlements(server, app, admin, cli):
+    admin.upsert_organisation(7, "Club", bsb="062-000", account_number="12345678")
+    fund(admin, app, 7, 1_000, member_id=1)
+    batch = admin.settle([7]).batch_id
+    env = {k: v for k, v in os.environ.items() if k not in ("PAYMENTS_TOKEN", "COLUMNS")}
+    env.update(PAYMENTS_TOKEN=TOKENS["admin"], PAYMENTS_TARGET=server.target, PYTHONPATH=os.getcwd())
+    proc = subprocess.Popen([*COMMAND, "--json", "events", "tail", "--kind", "settlement_made"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = json.loads(proc.stdout.readline())  # type: ignore[union-attr]
+    finally:
+        proc.kill()
+        proc.wait(10)
+    assert first["kind"] == "SETTLEMENT_MADE" and first["payment_id"] == batch
+    assert int(first["organisation_id"]) == 7 and int(first["amount_cents"]) == 1_000
