@@ -73,8 +73,7 @@ MATCH_ALL = EventFilter()
 
 
 def _event(row) -> StoredEvent:  # noqa: ANN001
-    values = row._tuple()
-    ev = StoredEvent(*values)
+    ev = StoredEvent(*row)
     ev.created_at = as_utc(ev.created_at)
     return ev
 
