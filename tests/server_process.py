@@ -20,8 +20,10 @@ SERVER_SCRIPT = Path(sys.executable).parent / "payments-server"
 class ServerProcess:
     """`payments-server` on a port the OS picks; stdout is collected line by line."""
 
-    def __init__(self, db_path: Path, auth_tokens: str, **env: str):
-        self.env = {**os.environ, "PAYMENTS_DATABASE_URL": f"sqlite:///{db_path}", "PAYMENTS_GRPC_ADDR": "127.0.0.1:0",
+    def __init__(self, db: Path | str, auth_tokens: str, **env: str):
+        """`db` is a SQLite file or a database URL."""
+        url = db if isinstance(db, str) else f"sqlite:///{db}"
+        self.env = {**os.environ, "PAYMENTS_DATABASE_URL": url, "PAYMENTS_GRPC_ADDR": "127.0.0.1:0",
                     "PAYMENTS_AUTH_TOKENS": auth_tokens, **env}
         self.proc: subprocess.Popen | None = None
         self.lines: list[str] = []
