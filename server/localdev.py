@@ -36,7 +36,7 @@ def serve_localstripe(port: int, host: str = LOCALSTRIPE_HOST) -> None:
     resources.Store.dump_to_disk = lambda self: None  # type: ignore[method-assign]
     resources.Store.try_load_from_disk = lambda self: None  # type: ignore[method-assign]
     logging.basicConfig(level=logging.WARNING)
-    web.run_app(app, host=host, port=port, print=None, access_log=None, handle_signals=True)
+    web.run_app(app, host=host, port=port, print=None, access_log=None, handle_signals=True, shutdown_timeout=1)
 
 
 def free_port(host: str = LOCALSTRIPE_HOST) -> int:

@@ -23,11 +23,13 @@ from dataclasses import dataclass
 
 import pytest
 import stripe
-from conftest import TOKENS, RunningServer, _truncate_all, record_backend, start_server
+from conftest import AUTH_SPEC, TOKENS, RunningServer, _truncate_all, record_backend, start_server
 from sqlalchemy import func, select
 
 from clients.payments_client import PaymentsClient, new_idempotency_key
 from cobalt.payments.v1 import payments_pb2 as pb
+from server.app import PaymentsServer
+from server.config import Settings
 from server.ledger.schema import accounts, outbox_events, postings, stripe_events
 from server.localdev import configure_localstripe_webhook, start_localstripe_process
 from webhook_bridge.app import Bridge, BridgeConfig
@@ -114,6 +116,38 @@ def start_bridge(grpc_target: str, secret: str = WEBHOOK_SECRET) -> RunningBridg
     return RunningBridge(bridge, loop, thread, f"http://127.0.0.1:{started['port']}")
 
 
+def start_server_at(database_url: str, addr: str, **overrides) -> RunningServer:  # noqa: ANN003
+    """A server on a fixed address (to stop it and start it again where the bridge points)."""
+    settings = Settings(database_url=database_url, grpc_addr=addr, auth_tokens=AUTH_SPEC, **overrides)
+    server = PaymentsServer(settings)
+    loop = asyncio.new_event_loop()
+    started: dict = {}
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            started["port"] = loop.run_until_complete(server.start())
+        except BaseException as exc:  # noqa: BLE001
+            started["error"] = exc
+            return
+        finally:
+            started["done"] = True
+        loop.run_forever()
+
+    thread = threading.Thread(target=run, name="server-at", daemon=True)
+    thread.start()
+    while "done" not in started:
+        thread.join(0.01)
+    if "error" in started:
+        raise started["error"]
+    return RunningServer(server, loop, thread, addr, database_url, "sqlite")
+
+
+def stop_if_running(server: RunningServer) -> None:
+    if server.thread.is_alive():
+        server.stop()
+
+
 def stripe_settings(ls: LocalStripe) -> dict:
     return dict(stripe_secret_key=SECRET_KEY, stripe_api_base=ls.api_base, stripe_webhook_secret=WEBHOOK_SECRET)
 
@@ -187,6 +221,26 @@ class CardStack:
             if event_type:
                 q = q.where(stripe_events.c.type == event_type)
             return conn.execute(q).scalar_one()
+
+    def stripe_event_applied(self, event_id: str) -> bool:
+        with self.server.db.engine.connect() as conn:
+            return conn.execute(select(stripe_events.c.event_id).where(stripe_events.c.event_id == event_id)
+                                ).first() is not None
+
+    def localstripe_event_id(self, event_type: str, object_id: str) -> str | None:
+        """The id of the event localstripe made about object_id (to wait for its webhook)."""
+        events = self.stripe.v1.events.list(params={"type": event_type, "limit": 100})
+        for event in events.data:
+            if event.to_dict()["data"]["object"].get("id") == object_id:
+                return event.id
+        return None
+
+    def wait_for_webhook(self, event_type: str, object_id: str) -> str:
+        """Wait until localstripe's webhook about object_id went through the bridge and was applied."""
+        event_id = wait_until(lambda: self.localstripe_event_id(event_type, object_id),
+                              what=f"localstripe to make a {event_type} event")
+        wait_until(lambda: self.stripe_event_applied(event_id), what=f"the {event_type} webhook")
+        return event_id
 
     def balances(self) -> dict[int, int]:
         with self.server.db.engine.connect() as conn:

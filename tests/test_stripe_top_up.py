@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from stripe_support import CardStack, wait_until
+from stripe_support import CardStack
 
 from cobalt.payments.v1 import payments_pb2 as pb
 from server.domain.types import SystemAccount, system_account
@@ -19,8 +19,8 @@ def test_top_up_credited_once_by_the_webhook_then_confirm_changes_nothing(cards:
     assert cards.app.balance_cents(member_id=1) == 0  # nothing until Stripe confirms
 
     assert cards.pay_intent_with_card(started.payment_intent_id) == "succeeded"
-    wait_until(lambda: cards.app.balance_cents(member_id=1) == 100_00, what="the webhook to credit the top-up")
-    assert cards.stripe_event_count("payment_intent.succeeded") == 1
+    cards.wait_for_webhook("payment_intent.succeeded", started.payment_intent_id)
+    assert cards.app.balance_cents(member_id=1) == 100_00
 
     confirmed = cards.confirm_card_payment(started.payment_intent_id)
     assert confirmed.status == pb.CARD_PAYMENT_SUCCEEDED
@@ -36,7 +36,6 @@ def test_top_up_credited_once_by_the_webhook_then_confirm_changes_nothing(cards:
 
 
 def test_confirm_before_the_webhook_applies_and_the_webhook_then_changes_nothing(cards: CardStack) -> None:
-    before = cards.stripe_event_count("payment_intent.succeeded")
     started = cards.start_top_up(2, 75_00)
     assert cards.pay_intent_with_card(started.payment_intent_id) == "succeeded"
 
@@ -44,8 +43,7 @@ def test_confirm_before_the_webhook_applies_and_the_webhook_then_changes_nothing
     assert confirmed.status == pb.CARD_PAYMENT_SUCCEEDED and confirmed.applied_now is True
     assert confirmed.balance_cents == 75_00
 
-    wait_until(lambda: cards.stripe_event_count("payment_intent.succeeded") > before,
-               what="localstripe's webhook to arrive")
+    cards.wait_for_webhook("payment_intent.succeeded", started.payment_intent_id)
     again = cards.confirm_card_payment(started.payment_intent_id)
     assert again.applied_now is False
     assert cards.app.balance_cents(member_id=2) == 75_00

@@ -74,7 +74,10 @@ class Bridge:
         return app
 
     async def start(self) -> int:
-        self.channel = grpc.aio.insecure_channel(self.config.grpc_target)
+        # reconnect quickly once the server is back: Stripe's next delivery should get through
+        self.channel = grpc.aio.insecure_channel(self.config.grpc_target, options=[
+            ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", 2000)])
         self.stub = pb_grpc.PaymentsServiceStub(self.channel)
         self.runner = web.AppRunner(self.make_app(), access_log=None)
         await self.runner.setup()
