@@ -43,6 +43,7 @@ AUTH_SPEC = (
 )
 
 _ran_on: Counter[str] = Counter()
+_pg_skipped: list[str] = []  # why PostgreSQL tests did not run, for the summary line
 
 
 def _pg_reachable() -> str | None:
@@ -62,6 +63,7 @@ def postgres_url() -> Iterator[str]:
     problem = _pg_reachable()
     if problem is not None:
         message = f"PostgreSQL unreachable at {make_url(PG_URL).render_as_string(hide_password=True)}: {problem}"
+        _pg_skipped.append(message)
         if IN_CI:
             pytest.fail(message + " (CI=true: the PostgreSQL tests must run)")
         pytest.skip(message)
@@ -179,8 +181,11 @@ def admin(server: RunningServer) -> Iterator[PaymentsClient]:
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # noqa: ANN001
-    if _ran_on:
-        parts = ", ".join(f"{n} on {db}" for db, n in sorted(_ran_on.items()))
+    if _ran_on or _pg_skipped:
+        backends = ["sqlite", "postgresql", *sorted(set(_ran_on) - {"sqlite", "postgresql"})]
+        parts = ", ".join(f"{_ran_on[db]} on {db}" for db in backends)
+        if _pg_skipped:
+            parts += " (PostgreSQL tests not run: unreachable)"
         terminalreporter.write_line(f"database-backed tests: {parts}")
 
 
