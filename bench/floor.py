@@ -61,7 +61,8 @@ def _one_payment(cur, member_id: int, org_id: int, amount_cents: int) -> None:  
 def run_floor(connect, *, threads: int, duration_s: float, members: int, organisations: list[int]) -> Samples:  # noqa: ANN001
     """`threads` connections paying as fast as they can for `duration_s`; payees drawn from `organisations`."""
     samples = Samples()
-    start = threading.Barrier(threads + 1)
+    connected = threading.Barrier(threads + 1)
+    go = threading.Event()
     stop_at: list[float] = [0.0]
     errors: list[BaseException] = []
 
@@ -71,7 +72,8 @@ def run_floor(connect, *, threads: int, duration_s: float, members: int, organis
         latencies: list[float] = []
         try:
             cur = conn.cursor()
-            start.wait()
+            connected.wait()
+            go.wait()
             while time.perf_counter() < stop_at[0]:
                 t0 = time.perf_counter()
                 _one_payment(cur, rng.randint(1, members), rng.choice(organisations), rng.randint(100, 1000))
@@ -79,7 +81,7 @@ def run_floor(connect, *, threads: int, duration_s: float, members: int, organis
                 latencies.append(time.perf_counter() - t0)
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
-            start.abort()
+            connected.abort()
         finally:
             conn.close()
             samples.extend(latencies)
@@ -87,9 +89,13 @@ def run_floor(connect, *, threads: int, duration_s: float, members: int, organis
     pool = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(threads)]
     for t in pool:
         t.start()
-    start.wait()
+    try:
+        connected.wait()
+    except threading.BrokenBarrierError:
+        pass
     samples.started()
     stop_at[0] = time.perf_counter() + duration_s
+    go.set()
     for t in pool:
         t.join()
     samples.stopped()

@@ -118,13 +118,17 @@ def run_scenarios(plan: Plan, db: BenchDatabase, results: dict, servers: list, n
     def wanted(name: str) -> bool:
         return not only or any(name.startswith(p) for p in only)
 
-    def record(name: str, samples, *, throughput: bool = True, note: str = "") -> None:  # noqa: ANN001
+    def record(name: str, samples, *, throughput: bool = True, note: str = "",  # noqa: ANN001
+               server_cpu_s: float | None = None) -> None:
         row = samples.summary()
+        if server_cpu_s is not None and row["count"]:
+            row["server_cpu_ms_per_op"] = round(server_cpu_s * 1000 / row["count"], 3)
         row["throughput"] = throughput
         row["note"] = note
         row["invariants"] = db.check_invariants(name)
         rows[name] = row
-        print(f"  {name:<26} {row['per_s']:>8.0f}/s  p50 {row['p50_ms']} ms  p99 {row['p99_ms']} ms  "
+        cpu = f", server CPU {row['server_cpu_ms_per_op']} ms/op" if "server_cpu_ms_per_op" in row else ""
+        print(f"  {name:<26} {row['per_s']:>8.0f}/s  p50 {row['p50_ms']} ms  p99 {row['p99_ms']} ms{cpu}  "
               f"(invariants ok, {row['invariants']['check_s']} s)", flush=True)
 
     # 1. the floor
@@ -142,32 +146,40 @@ def run_scenarios(plan: Plan, db: BenchDatabase, results: dict, servers: list, n
     targets = [s.target for s in servers]
     flight = plan.in_flight
 
-    async def closed(call, duration_s: float, in_flight: int = flight, warmup_s: float = 0.0):  # noqa: ANN001, ANN202
-        return await load.closed_loop(targets, call, in_flight=in_flight, duration_s=duration_s, warmup_s=warmup_s)
+    cpu_used: list[float] = [0.0]
+
+    def closed(call, duration_s: float, in_flight: int = flight, warmup_s: float = 0.0):  # noqa: ANN001, ANN202
+        """Run a closed loop; the server CPU it cost (measured part only) goes to cpu_used[0]."""
+        if warmup_s:
+            asyncio.run(load.closed_loop(targets, call, in_flight=in_flight, duration_s=warmup_s))
+        before = sum(s.cpu_s() for s in servers)
+        samples = asyncio.run(load.closed_loop(targets, call, in_flight=in_flight, duration_s=duration_s))
+        cpu_used[0] = sum(s.cpu_s() for s in servers) - before
+        return samples
 
     # 2-3. Pay
     if wanted("pay_spread"):
-        s = asyncio.run(closed(load.pay_call(members, orgs), plan.pay_s, warmup_s=plan.warmup_s))
-        record("pay_spread", s, note=f"gRPC, {flight} in flight, {len(orgs)} organisations")
+        s = closed(load.pay_call(members, orgs), plan.pay_s, warmup_s=plan.warmup_s)
+        record("pay_spread", s, note=f"gRPC, {flight} in flight, {len(orgs)} organisations", server_cpu_s=cpu_used[0])
     if wanted("pay_hot"):
-        s = asyncio.run(closed(load.pay_call(members, orgs[:1]), plan.pay_s, warmup_s=plan.warmup_s))
-        record("pay_hot", s, note=f"gRPC, {flight} in flight, one organisation")
+        s = closed(load.pay_call(members, orgs[:1]), plan.pay_s, warmup_s=plan.warmup_s)
+        record("pay_hot", s, note=f"gRPC, {flight} in flight, one organisation", server_cpu_s=cpu_used[0])
     # 4. Transfer, GetBalance, GetStatement
     if wanted("transfer"):
-        s = asyncio.run(closed(load.transfer_call(members), plan.other_s))
-        record("transfer", s, note=f"member to member, {flight} in flight")
+        s = closed(load.transfer_call(members), plan.other_s)
+        record("transfer", s, note=f"member to member, {flight} in flight", server_cpu_s=cpu_used[0])
     if wanted("get_balance"):
-        s = asyncio.run(closed(load.balance_call(members), plan.read_s))
-        record("get_balance", s, note=f"{flight} in flight")
+        s = closed(load.balance_call(members), plan.read_s)
+        record("get_balance", s, note=f"{flight} in flight", server_cpu_s=cpu_used[0])
     stmt_member = plan.seed.statement_member_id
     if wanted("statement"):
         created_at, posting_id = db.statement_deep_token_key(member_account(stmt_member), plan.deep_depth - 1)
         deep_token = _encode_token(created_at, posting_id)
         for name, token, label in (("statement_first_page", "", "first page"),
                                    ("statement_deep_page", deep_token, f"{plan.deep_depth:,} rows deep")):
-            s = asyncio.run(closed(load.statement_call(stmt_member, token), plan.read_s, in_flight=4, warmup_s=0.2))
+            s = closed(load.statement_call(stmt_member, token), plan.read_s, in_flight=4, warmup_s=0.2)
             record(name, s, throughput=False,
-                   note=f"{label}, 50 lines, {plan.seed.statement_postings:,} postings, 4 in flight")
+                   note=f"{label}, 50 lines, {plan.seed.statement_postings:,} postings, 4 in flight", server_cpu_s=cpu_used[0])
     # 5. commit -> Subscribe delivery
     if wanted("delivery"):
         run_delivery(plan, db, results, servers, server_env, record)
