@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Connection, and_, or_, select
+from sqlalchemy import Connection, literal, select, tuple_
 from sqlalchemy.orm import aliased
 
 from server.domain.errors import InvalidArgument
@@ -100,7 +100,12 @@ def _lines(conn: Connection, acct_id: int, start: datetime | None, end: datetime
         query = query.where(postings.c.created_at < end)
     if after is not None:
         t, pid = after
-        query = query.where(or_(postings.c.created_at < t, and_(postings.c.created_at == t, postings.c.id < pid)))
+        # a row comparison, so the index (account_id, created_at, id) seeks straight to the page
+        # however deep it is (an OR of the two cases makes PostgreSQL filter every newer line)
+        query = query.where(
+            tuple_(postings.c.created_at, postings.c.id)
+            < tuple_(literal(t, postings.c.created_at.type), literal(pid, postings.c.id.type))
+        )
     query = query.order_by(postings.c.created_at.desc(), postings.c.id.desc()).limit(limit)
     return [
         Line(
