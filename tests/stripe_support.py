@@ -271,24 +271,45 @@ def wait_until(check: Callable[[], object], timeout_s: float = 8.0, what: str = 
         time.sleep(0.05)
 
 
-@pytest.fixture(scope="session")
-def card_stack_session(localstripe: LocalStripe, tmp_path_factory) -> Iterator[CardStack]:  # noqa: ANN001
-    path = tmp_path_factory.mktemp("cards") / "payments.db"
-    server = start_server(f"sqlite:///{path}", "sqlite", **stripe_settings(localstripe))
+def _card_stack(localstripe: LocalStripe, database_url: str, backend: str) -> Iterator[CardStack]:
+    server = start_server(database_url, backend, **stripe_settings(localstripe))
     bridge = start_bridge(server.target)
-    configure_localstripe_webhook(localstripe.api_base, bridge.webhook_url, WEBHOOK_SECRET)
+    # localstripe sends every event to every configured webhook; a server ignores intents not its own
+    configure_localstripe_webhook(localstripe.api_base, bridge.webhook_url, WEBHOOK_SECRET, name=f"bridge-{backend}")
     with server.client("app") as app, server.client("admin") as admin:
         yield CardStack(server, bridge, localstripe, app, admin, localstripe.client())
     bridge.stop()
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def card_stack_sqlite(localstripe: LocalStripe, tmp_path_factory) -> Iterator[CardStack]:  # noqa: ANN001
+    yield from _card_stack(localstripe, f"sqlite:///{tmp_path_factory.mktemp('cards') / 'payments.db'}", "sqlite")
+
+
+@pytest.fixture(scope="session")
+def card_stack_postgresql(localstripe: LocalStripe, postgres_url: str) -> Iterator[CardStack]:
+    yield from _card_stack(localstripe, postgres_url, "postgresql")
+
+
+def _fresh(stack: CardStack) -> CardStack:
+    _truncate_all(stack.server.db)
+    return stack
+
+
 @pytest.fixture
-def cards(card_stack_session: CardStack) -> Iterator[CardStack]:
-    """The card stack with empty tables. Waits a moment for stray webhooks of earlier tests."""
-    _truncate_all(card_stack_session.server.db)
-    yield card_stack_session
+def cards(card_stack_sqlite: CardStack) -> Iterator[CardStack]:
+    """The card stack on SQLite, with empty tables."""
+    yield _fresh(card_stack_sqlite)
     record_backend("sqlite")
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def cards_any(request) -> Iterator[CardStack]:  # noqa: ANN001
+    """The card stack on each database (the money paths that matter most run on both)."""
+    stack: CardStack = request.getfixturevalue(f"card_stack_{request.param}")
+    yield _fresh(stack)
+    record_backend(request.param)
 
 
 # ---------------------------------------------------------------- signed events, as Stripe sends them

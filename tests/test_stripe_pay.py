@@ -15,7 +15,8 @@ ON, FAILED = pb.AUTO_TOP_UP_STATUS_ON, pb.AUTO_TOP_UP_STATUS_FAILED
 OFF, PENDING = pb.AUTO_TOP_UP_STATUS_OFF, pb.AUTO_TOP_UP_STATUS_PENDING
 
 
-def test_short_balance_requires_a_card_payment_which_books_the_pay(cards: CardStack) -> None:
+def test_short_balance_requires_a_card_payment_which_books_the_pay(cards_any: CardStack) -> None:
+    cards = cards_any
     cards.admin.upsert_organisation(7, "Bridge Club")
     cards.admin.adjust(30_00, "opening credit", member_id=1)
     resp = cards.app.pay(1, 80_00, organisation_id=7, description="Congress entry", route_code="EVT",
@@ -70,7 +71,8 @@ def test_pay_with_a_card_payment_is_idempotent(cards: CardStack) -> None:
     assert again.payment_intent_id == first.payment_intent_id
 
 
-def test_auto_top_up_covers_a_pay_by_the_rule_amount(cards: CardStack) -> None:
+def test_auto_top_up_covers_a_pay_by_the_rule_amount(cards_any: CardStack) -> None:
+    cards = cards_any
     cards.admin.upsert_organisation(7, "Bridge Club")
     cards.admin.adjust(30_00, "opening credit", member_id=4)
     state = cards.auto_top_up_on(4, amount_cents=50_00)
@@ -109,7 +111,8 @@ def test_auto_top_up_on_activation_and_after_a_payment_below_the_low_limit(cards
     cards.assert_invariants()
 
 
-def test_declined_auto_top_up_fails_books_nothing_and_sets_failed(cards: CardStack) -> None:
+def test_declined_auto_top_up_fails_books_nothing_and_sets_failed(cards_any: CardStack) -> None:
+    cards = cards_any
     cards.admin.upsert_organisation(7, "Bridge Club")
     cards.admin.adjust(25_00, "opening credit", member_id=6)
     assert cards.auto_top_up_on(6, number=DECLINED_CARD).status == ON  # saving the card works; charging fails
@@ -211,3 +214,14 @@ def test_setup_reuses_the_members_stripe_customer(cards: CardStack) -> None:
         cards.app.call("SetupAutoTopUp", pb.SetupAutoTopUpRequest(
             idempotency_key=new_idempotency_key(), member_id=13, amount_cents=2_000_01))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_short_pay_to_an_unknown_organisation_charges_no_card(cards: CardStack) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        cards.app.pay(14, 60_00, organisation_id=404)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    with cards.server.db.engine.connect() as conn:
+        from sqlalchemy import func, select
+
+        from server.ledger.schema import card_payments
+        assert conn.execute(select(func.count()).select_from(card_payments)).scalar_one() == 0

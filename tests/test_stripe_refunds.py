@@ -27,7 +27,8 @@ def stripe_refunded_cents(cards: CardStack, payment_intent_id: str) -> int:
     return sum(r.amount for r in refunds.data)
 
 
-def test_member_refund_pays_the_fee_to_the_federation(cards: CardStack) -> None:
+def test_member_refund_pays_the_fee_to_the_federation(cards_any: CardStack) -> None:
+    cards = cards_any
     pi = cards.top_up_now(1, 100_00)
     resp = refund(cards.app, pi, 40_00, member_id=1)
     # refund fee 3 % of $40.00 = $1.20 to federation; $38.80 back to the card

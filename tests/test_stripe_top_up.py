@@ -12,7 +12,8 @@ from server.domain.types import SystemAccount, system_account
 pytestmark = pytest.mark.stripe
 
 
-def test_top_up_credited_once_by_the_webhook_then_confirm_changes_nothing(cards: CardStack) -> None:
+def test_top_up_credited_once_by_the_webhook_then_confirm_changes_nothing(cards_any: CardStack) -> None:
+    cards = cards_any
     started = cards.start_top_up(1, 100_00)
     assert started.payment_intent_id.startswith("pi_") and started.client_secret
     assert started.amount_cents == 100_00

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from google.protobuf.message import Message
+from sqlalchemy.exc import IntegrityError
 
 from cobalt.payments.v1 import payments_pb2 as pb
 from server.api.base import ApiBase
@@ -63,9 +64,19 @@ class CardsApi(ApiBase):
 
     # ---------------------------------------------------------------- plumbing
     async def in_context(self, fn: Callable[[], T]) -> T:
-        """Run a blocking flow (database and Stripe) in the pool, with the caller's principal."""
+        """Run a blocking flow (database and Stripe) in the pool, with the caller's principal.
+        A flow whose final write lost a race with a concurrent retry of the same request (same
+        idempotency key, or the same pending card payment) runs once more: it then finds the
+        stored response, and Stripe's idempotency key makes its Stripe calls the same ones."""
         ctx = contextvars.copy_context()
-        return await self.in_thread(lambda: ctx.run(fn))
+
+        def run() -> T:
+            try:
+                return ctx.run(fn)
+            except IntegrityError:
+                return ctx.run(fn)
+
+        return await self.in_thread(run)
 
     def once(self, method: str, request: Message, to_pb: Callable[[Any], Message]) -> Once:
         key = request.idempotency_key  # type: ignore[attr-defined]

@@ -16,6 +16,7 @@ from server.domain.money import MAX_TOP_UP_CENTS, shortfall, top_up_to_cover
 from server.domain.types import AutoTopUpStatus
 from server.ledger.db import Database
 from server.services import auto_top_up, cards
+from server.services.accounts import require_account
 from server.services.cards import Once, Replayed
 from server.services.pay import PayCommand, pay_from_balance
 from server.services.transfer import TransferCommand, TransferResult, transfer
@@ -75,7 +76,11 @@ def pay_when_short(db: Database, gateway: StripeGateway, once: Once, cmd: PayCom
     stored = db.read(once.stored)
     if stored is not None:
         return Replayed(stored)
-    plan = db.read(lambda conn: _plan(conn, cmd.member_id, cmd.amount_cents))
+    def plan_it(conn: Connection) -> _Plan:
+        require_account(conn, cmd.payee_account)  # an unknown payee fails now, not after the card is charged
+        return _plan(conn, cmd.member_id, cmd.amount_cents)
+
+    plan = db.read(plan_it)
     if plan.status == AutoTopUpStatus.ON:
         if plan.top_up_cents == 0:  # the balance changed meanwhile and now covers it
             raise short

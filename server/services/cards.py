@@ -17,9 +17,9 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, delete, insert, select, update
+from sqlalchemy import Connection, delete, select, update
 
-from server.domain.errors import InsufficientFunds
+from server.domain.errors import InsufficientFunds, NotFound
 from server.domain.types import (
     AutoTopUpStatus,
     EventKind,
@@ -31,7 +31,7 @@ from server.domain.types import (
 from server.events.outbox import NewEvent, emit
 from server.ledger import idempotency
 from server.ledger.db import as_utc, utcnow
-from server.ledger.ledger import Leg, NewTransaction, balance_of, book
+from server.ledger.ledger import Leg, NewTransaction, _insert_ignore, balance_of, book
 from server.ledger.schema import card_payments, member_cards
 from server.services.pay import PayCommand, new_payment_id, pay_from_balance
 from server.stripe_gateway import stripe_key
@@ -104,7 +104,8 @@ def start_pending(conn: Connection, ref: str, member_id: int, purpose: str, amou
     existing = get(conn, placeholder_id(ref))
     if existing is not None:
         return existing
-    conn.execute(insert(card_payments).values(
+    # insert-or-nothing: a concurrent retry with the same key may have written it first
+    conn.execute(_insert_ignore(conn)(card_payments).on_conflict_do_nothing(index_elements=["payment_intent_id"]).values(
         payment_intent_id=placeholder_id(ref), member_id=member_id, purpose=purpose, amount_cents=amount_cents,
         status=PENDING, payment_id=payment_id or new_payment_id(), pending_request=pending_request,
         principal=principal, created_at=utcnow()))
@@ -192,14 +193,16 @@ def apply_success(conn: Connection, card: CardPayment, amount_cents: int) -> App
     try:
         with conn.begin_nested():
             result = pay_from_balance(conn, cmd, card.payment_id)
-    except InsufficientFunds as short:
-        # the balance changed since the card payment was asked for: the card money stays on the balance
+    except (InsufficientFunds, NotFound) as refused:
+        # the balance changed since the card payment was asked for (or the payee went away):
+        # the card money stays on the balance, and the caller hears that the Pay failed
         emit(conn, NewEvent(EventKind.PAYMENT_FAILED, member_id=cmd.member_id, organisation_id=cmd.organisation_id or 0,
                             other_member_id=cmd.other_member_id or 0, amount_cents=cmd.amount_cents,
                             balance_cents=balance, payment_id=card.payment_id, route_code=cmd.route_code,
                             route_payload=cmd.route_payload, event_id=cmd.event_id or 0,
                             session_id=cmd.session_id or 0,
-                            reason=f"the card payment was credited but the balance no longer covers it ({short})"))
+                            reason=f"the card payment was credited to the balance but the Pay was not booked: "
+                                   f"{refused.message}"[:MAX_REASON_CHARS]))
         return applied
     applied.balance_cents = result.balance_cents
     applied.payment_reference = result.reference
