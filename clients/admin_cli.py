@@ -48,6 +48,7 @@ EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_AUTH, EXIT_UNAVAILABLE, EXIT_CANCELLED =
 DEFAULT_TARGET = "127.0.0.1:50051"
 TOKEN_PATH = Path("cobalt-payments") / "token"
 MAX_STATEMENT_LINES = 10_000
+SETTLE_TIMEOUT_S = 600.0  # a batch of many clubs books a few milliseconds per club
 SETTLE_RETRIES = 3  # a real settlement is retried with the same idempotency key when the server was unreachable
 
 
@@ -388,7 +389,8 @@ def _settle_for_real(client: PaymentsClient, dry: pb.SettleResponse, key: str) -
     expected = {r.organisation_id: r.balance_cents for r in dry.rows}
     for attempt in range(SETTLE_RETRIES + 1):
         try:
-            return client.settle(list(expected), expected_balances=expected, idempotency_key=key)
+            return client.settle(list(expected), expected_balances=expected, idempotency_key=key,
+                                 timeout_s=max(client.timeout_s, SETTLE_TIMEOUT_S))
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt == SETTLE_RETRIES:
                 raise

@@ -125,7 +125,7 @@ class PaymentsClient:
     # ---- administrators: settlement, fees, summaries and lists
     def settle(self, organisation_ids: list[int] | tuple[int, ...] = (), *, dry_run: bool = False,
                expected_balances: dict[int, int] | None = None,
-               idempotency_key: str | None = None) -> pb.SettleResponse:
+               idempotency_key: str | None = None, timeout_s: float | None = None) -> pb.SettleResponse:
         """Settle organisations (empty: every eligible one). `expected_balances` (organisation id →
         balance a dry run showed) marks rows whose balance changed since (`balance_changed`)."""
         req = pb.SettleRequest(
@@ -134,6 +134,8 @@ class PaymentsClient:
             expected_balances=[pb.ExpectedBalance(organisation_id=org_id, balance_cents=cents)
                                for org_id, cents in sorted((expected_balances or {}).items())],
         )
+        if timeout_s is not None:
+            return self.stub.Settle(req, metadata=self._metadata, timeout=timeout_s)
         return self.call("Settle", req)
 
     def set_fee_settings(self, *, idempotency_key: str | None = None, **settings: int) -> pb.FeeSettings:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from sqlalchemy import Connection, insert, select
 
@@ -26,7 +26,7 @@ from server.domain.errors import InvalidArgument, NotFound
 from server.domain.money import settlement_for
 from server.domain.types import AccountKind, EventKind, PostingType, SystemAccount, organisation_account, system_account
 from server.events.outbox import NewEvent, emit
-from server.ledger.ledger import Leg, NewTransaction, book
+from server.ledger.ledger import Booked, Leg, NewTransaction, book
 from server.ledger.schema import accounts, organisations, settlements
 from server.services.fees import FeeSettings, current_fee_settings
 
@@ -168,15 +168,21 @@ def settle(conn: Connection, cmd: SettleCommand) -> SettleResult:
             balance_changed=expected is not None and expected != org.balance_cents,
             expected_balance_cents=expected or 0,
         )
-        if not cmd.dry_run:
-            row = _book(conn, cmd.principal, batch_id, fees, row)
         rows.append(row)
-    if not cmd.dry_run and not rows:
-        batch_id = ""  # nothing was settled: no batch
-    return SettleResult(batch_id, cmd.dry_run, rows, skipped, fees)
+    if cmd.dry_run:
+        return SettleResult(batch_id, True, rows, skipped, fees)
+    if not rows:
+        return SettleResult("", False, rows, skipped, fees)  # nothing was settled: no batch
+    done = [(row, _book(conn, cmd.principal, batch_id, row)) for row in rows]
+    # the batch's records and events, written once for the whole batch
+    conn.execute(insert(settlements), [_settlement_record(batch_id, fees, row, booked) for row, booked in done])
+    emit(conn, *(_settlement_event(batch_id, row, booked) for row, booked in done))
+    rows = [replace(row, reference=booked.reference) for row, booked in done]
+    return SettleResult(batch_id, False, rows, skipped, fees)
 
 
-def _book(conn: Connection, principal: str, batch_id: str, fees: FeeSettings, row: SettlementRow) -> SettlementRow:
+def _book(conn: Connection, principal: str, batch_id: str, row: SettlementRow) -> Booked:
+    """One organisation's settlement: organisation −gross, `federation` +fee, `bank` +net."""
     org_acct = organisation_account(row.organisation_id)
     federation = system_account(SystemAccount.FEDERATION)
     bank = system_account(SystemAccount.BANK)
@@ -196,39 +202,39 @@ def _book(conn: Connection, principal: str, batch_id: str, fees: FeeSettings, ro
             batch_id=batch_id,
         ),
     )
-    balance_after = booked.balances_after[org_acct]
-    assert balance_after == row.minimum_balance_cents, "a settlement leaves the minimum balance"
-    conn.execute(
-        insert(settlements).values(
-            batch_id=batch_id,
-            organisation_id=row.organisation_id,
-            transaction_id=booked.transaction_id,
-            balance_cents=row.balance_cents,
-            minimum_balance_cents=row.minimum_balance_cents,
-            gross_cents=row.gross_cents,
-            fee_bp=row.fee_bp,
-            fee_cents=row.fee_cents,
-            gst_cents=row.gst_cents,
-            net_cents=row.net_cents,
-            fee_settings_version=fees.version or None,
-            bsb=row.bsb,
-            account_number=row.account_number,
-            created_at=booked.created_at,
-        )
+    assert booked.balances_after[org_acct] == row.minimum_balance_cents, "a settlement leaves the minimum balance"
+    return booked
+
+
+def _settlement_record(batch_id: str, fees: FeeSettings, row: SettlementRow, booked: Booked) -> dict:
+    return dict(
+        batch_id=batch_id,
+        organisation_id=row.organisation_id,
+        transaction_id=booked.transaction_id,
+        balance_cents=row.balance_cents,
+        minimum_balance_cents=row.minimum_balance_cents,
+        gross_cents=row.gross_cents,
+        fee_bp=row.fee_bp,
+        fee_cents=row.fee_cents,
+        gst_cents=row.gst_cents,
+        net_cents=row.net_cents,
+        fee_settings_version=fees.version or None,  # NULL: the built-in defaults applied
+        bsb=row.bsb,
+        account_number=row.account_number,
+        created_at=booked.created_at,
     )
-    emit(
-        conn,
-        NewEvent(
-            EventKind.SETTLEMENT_MADE,
-            organisation_id=row.organisation_id,
-            amount_cents=row.gross_cents,
-            balance_cents=balance_after,
-            payment_id=batch_id,
-            reference=booked.reference,
-            reason=f"net {row.net_cents} fee {row.fee_cents} gst {row.gst_cents} cents",
-        ),
+
+
+def _settlement_event(batch_id: str, row: SettlementRow, booked: Booked) -> NewEvent:
+    return NewEvent(
+        EventKind.SETTLEMENT_MADE,
+        organisation_id=row.organisation_id,
+        amount_cents=row.gross_cents,
+        balance_cents=row.minimum_balance_cents,
+        payment_id=batch_id,
+        reference=booked.reference,
+        reason=f"net {row.net_cents} fee {row.fee_cents} gst {row.gst_cents} cents",
     )
-    return SettlementRow(**{**row.__dict__, "reference": booked.reference})
 
 
 def _description(row: SettlementRow) -> str:
