@@ -84,13 +84,26 @@ def outbox_sequences(server) -> list[int]:  # noqa: ANN001
         return list(conn.execute(select(outbox_events.c.sequence).order_by(outbox_events.c.sequence)).scalars())
 
 
+def newest(server) -> int:  # noqa: ANN001
+    seqs = outbox_sequences(server)
+    return seqs[-1] if seqs else 0
+
+
+def wait_live(srv, streams: int) -> None:  # noqa: ANN001
+    hub = srv.server.servicer.event_hub
+    deadline = time.monotonic() + WAIT_S
+    while hub.live_streams < streams and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert hub.live_streams >= streams
+
+
 def kinds(events: list[pb.Event]) -> list[str]:
     return [pb.EventKind.Name(e.kind) for e in events]
 
 
 def test_each_movement_emits_its_event_with_fields(server, app, admin, collectors):
     admin.upsert_organisation(7, "Bridge Club")
-    live = collectors(app, after_sequence=-1)
+    live = collectors(app, after_sequence=newest(server))
     adjust = admin.adjust(10_000, "opening credit", member_id=1)
     paid = app.pay(1, 2_500, organisation_id=7, description="Entry", route_code="EVT",
                    route_payload='{"entry": 42}', event_id=42, session_id=3)
@@ -193,8 +206,8 @@ def test_ack_then_resume_as_a_durable_consumer(server, app, admin, collectors):
 def test_rolled_back_payments_emit_nothing(server, app, admin, collectors):
     admin.upsert_organisation(7, "Club")
     admin.adjust(10_000, "credit", member_id=1)
-    live = collectors(app, after_sequence=-1)
     before = outbox_sequences(server)
+    live = collectors(app, after_sequence=newest(server))
     with pytest.raises(grpc.RpcError) as err:
         app.transfer(2, 50_000, from_member_id=1)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -270,10 +283,10 @@ def test_a_slow_subscriber_is_cut_off_and_resumes(backend, tmp_path, request):  
     srv = start_server(url, backend, extra={"event_queue_events": 5})
     try:
         with srv.client("app") as app, srv.client("admin") as admin:
-            live = Collector(app, pb.SubscribeRequest(after_sequence=-1))
+            start = newest(srv)
+            live = Collector(app, pb.SubscribeRequest(after_sequence=start))
             fast = Collector(app, pb.SubscribeRequest(after_sequence=-1, route_codes=["NONE"]))
-            time.sleep(0.3)
-            start = outbox_sequences(srv)[-1] if outbox_sequences(srv) else 0
+            wait_live(srv, 2)  # both joined the fan-out before the burst
 
             def burst(conn):  # noqa: ANN001, ANN202 - 20 events in one commit: one fan-out
                 emit(conn, *[NewEvent(EventKind.ADJUSTED, member_id=1, amount_cents=i + 1) for i in range(20)])

@@ -50,7 +50,7 @@ class HubLimits:
     replay_page: int = 500           # events per catch-up query of one stream
     max_subscribers: int = 2_000     # open streams per server process
     poll_interval_s: float = 1.0     # fallback when no wake-up comes
-    step_interval_s: float = 0.005   # between probes while writers are in flight
+    step_interval_s: float = 0.01    # between probes while writers are in flight
     prune_interval_s: float = 3_600.0
     prune_first_after_s: float = 30.0
 
@@ -92,6 +92,11 @@ class EventHub:
         self._ready: asyncio.Event | None = None
         self._tasks: list[asyncio.Task] = []
         self._stopping = False
+
+    @property
+    def live_streams(self) -> int:
+        """Streams that caught up and receive events as they are published."""
+        return len(self._live)
 
     # ---- lifecycle
     async def start(self) -> None:

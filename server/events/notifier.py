@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import select
 import threading
+import time
 from collections.abc import Callable
 
 import structlog
@@ -19,6 +20,9 @@ from sqlalchemy import Engine
 
 CHANNEL = "payments_outbox"
 SELECT_TIMEOUT_S = 1.0
+# A NOTIFY is a commit of its own: under load, send at most one per interval (other processes learn of
+# a burst of commits at most this much later).
+MIN_NOTIFY_INTERVAL_S = 0.005
 RECONNECT_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
 
 log = structlog.get_logger("payments.events")
@@ -86,8 +90,12 @@ class PgWakeups:
                 failures = 0
                 own_pid = conn.get_backend_pid()
                 self._on_remote_commit()  # notifications may have been missed while disconnected
+                due, last_sent = False, 0.0
                 while not self._stop.is_set():
-                    readable, _, _ = select.select([conn, self._pipe_r], [], [], SELECT_TIMEOUT_S)
+                    wait_s = SELECT_TIMEOUT_S
+                    if due:
+                        wait_s = max(0.0, last_sent + MIN_NOTIFY_INTERVAL_S - time.monotonic())
+                    readable, _, _ = select.select([conn, self._pipe_r], [], [], wait_s)
                     if conn in readable:
                         conn.poll()
                         remote = any(n.pid != own_pid for n in conn.notifies)
@@ -95,9 +103,12 @@ class PgWakeups:
                         if remote:
                             self.notifies_received += 1
                             self._on_remote_commit()
-                    if self._pipe_r in readable and self._drain_pipe() and not self._stop.is_set():
+                    if self._pipe_r in readable and self._drain_pipe():
+                        due = True
+                    if due and not self._stop.is_set() and time.monotonic() >= last_sent + MIN_NOTIFY_INTERVAL_S:
                         with conn.cursor() as cur:
                             cur.execute(f"NOTIFY {CHANNEL}")
+                        due, last_sent = False, time.monotonic()
                         self.notifies_sent += 1
             except Exception as exc:  # noqa: BLE001 - keep listening; polling covers the gap
                 delay = RECONNECT_BACKOFF_S[min(failures, len(RECONNECT_BACKOFF_S) - 1)]
