@@ -9,6 +9,7 @@ become domain errors: unreachable → Unavailable; a declined card or one that n
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -18,6 +19,9 @@ import stripe
 from server.domain.errors import DomainError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 
 T = TypeVar("T")
+
+# Stripe's library logs every request at INFO; one line per RPC is ours to write.
+logging.getLogger("stripe").setLevel(logging.WARNING)
 
 STRIPE_TIMEOUT_S = 20
 STRIPE_NETWORK_RETRIES = 1  # Stripe's library retries safely: the idempotency key is the same
