@@ -250,6 +250,10 @@ def test_unauthenticated_and_bad_subscribe(server):
         with pytest.raises(grpc.RpcError) as err:
             list(app.stream("Subscribe", pb.SubscribeRequest(kinds=[0]), timeout_s=5))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.RpcError) as err:  # a cursor from another database, say
+            list(app.stream("Subscribe", pb.SubscribeRequest(after_sequence=newest(server) + 10), timeout_s=5))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "after_sequence" in err.value.details()
 
 
 def test_expired_cursor_is_out_of_range(server, app, admin, collectors):

@@ -52,6 +52,10 @@ def start_cursor(conn: Connection, principal: str, request: pb.SubscribeRequest)
     after = request.after_sequence
     if after == 0 and request.consumer:
         after = store.acked_sequence(conn, principal, request.consumer)
+    if after > 0:
+        newest = store.last_sequence(conn)
+        if after > newest:
+            raise InvalidArgument.field("after_sequence", f"no event has sequence {after} (newest is {newest})")
     pruned = store.pruned_through(conn)
     if 0 < after < pruned:
         raise OutOfRange(f"events after sequence {after} were pruned (retention); the oldest kept follow "

@@ -61,10 +61,11 @@ class HubLimits:
 
 
 class _Subscription:
-    __slots__ = ("filter", "queue", "signal", "fell_behind")
+    __slots__ = ("filter", "after", "queue", "signal", "fell_behind")
 
     def __init__(self, flt: EventFilter):
         self.filter = flt
+        self.after = 0  # the stream's cursor when it went live (may be ahead of this process's reader)
         self.queue: collections.deque[StoredEvent] = collections.deque()
         self.signal = asyncio.Event()
         self.fell_behind = False
@@ -202,8 +203,9 @@ class EventHub:
             limit = self.limits.queue_events
             for sub in list(self._live):
                 queue, matches, added = sub.queue, sub.filter.matches, False
+                after = sub.after
                 for ev in events:
-                    if matches(ev):
+                    if ev.sequence > after and matches(ev):
                         if len(queue) >= limit:
                             sub.fell_behind = True
                             self._live.discard(sub)
@@ -235,6 +237,7 @@ class EventHub:
             while not self._stopping:
                 published = self.published
                 if cursor >= published:
+                    sub.after = cursor
                     self._live.add(sub)  # no await since reading `published`: nothing falls in between
                     break
                 if cursor >= self._ring_floor:
