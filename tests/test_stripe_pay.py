@@ -124,7 +124,7 @@ def test_declined_auto_top_up_fails_books_nothing_and_sets_failed(cards_any: Car
     assert cards.balances() == before and cards.posting_count() == postings_before
     assert cards.app.get_balance(member_id=6).auto_top_up_status == FAILED
     [failed] = cards.outbox("AUTO_TOP_UP_FAILED")
-    assert failed.member_id == 6 and failed.amount_cents == 100_00
+    assert failed.member_id == 6 and failed.amount_cents == 100_00 and failed.route_code == "EVT"
     assert cards.outbox("PAYMENT_SUCCEEDED") == []
     # FAILED is not ON: the next short Pay asks for a card payment instead
     assert cards.app.pay(6, 40_00, organisation_id=7).status == pb.REQUIRES_CARD_PAYMENT
@@ -225,3 +225,38 @@ def test_short_pay_to_an_unknown_organisation_charges_no_card(cards: CardStack) 
 
         from server.ledger.schema import card_payments
         assert conn.execute(select(func.count()).select_from(card_payments)).scalar_one() == 0
+
+
+def test_crash_between_the_charge_and_the_booking_is_recovered_by_the_webhook(cards: CardStack) -> None:
+    """The card is charged, then the process dies before its booking commits: the pending row written
+    before the charge, and the key the PaymentIntent carries, let the webhook credit it, once."""
+    import secrets
+
+    from server.services import auto_top_up
+
+    cards.admin.adjust(30_00, "opening credit", member_id=15)
+    cards.auto_top_up_on(15, amount_cents=50_00)
+    servicer = cards.server.server.servicer
+
+    class Crash(Exception):
+        pass
+
+    def crash(conn, applied):  # noqa: ANN001, ANN202
+        raise Crash()
+
+    ref = "cobalt-crash-" + secrets.token_hex(8)
+    with pytest.raises(Crash):
+        auto_top_up.charge(servicer.db, servicer.gateway, 15, 50_00, ref, "app-svc", crash, lambda *a: None)
+    assert cards.app.balance_cents(member_id=15) == 30_00  # the booking rolled back with the crash
+
+    wait_until(lambda: cards.app.balance_cents(member_id=15) == 80_00, what="the webhook to credit the charge")
+    assert [e.amount_cents for e in cards.outbox("TOP_UP_SUCCEEDED")] == [50_00]
+    with cards.server.db.engine.connect() as conn:
+        from sqlalchemy import select
+
+        from server.ledger.schema import card_payments
+        rows = list(conn.execute(select(card_payments.c.payment_intent_id, card_payments.c.status)
+                                 .where(card_payments.c.member_id == 15)))
+    assert len(rows) == 1 and rows[0].status == "succeeded" and rows[0].payment_intent_id.startswith("pi_")
+    assert cards.confirm_card_payment(rows[0].payment_intent_id).applied_now is False
+    cards.assert_invariants()

@@ -222,7 +222,8 @@ def cancel(db: Database, gateway: StripeGateway, once: Once, member_id: int) -> 
 # ---------------------------------------------------------------- charging the saved card
 def charge(db: Database, gateway: StripeGateway, member_id: int, amount_cents: int, ref: str, principal: str,
            then: Callable[[Connection, cards.Applied], R],
-           on_fail: Callable[[Connection, cards.CardPayment, CardFailed], R]) -> R:
+           on_fail: Callable[[Connection, cards.CardPayment, CardFailed], R], route_code: str = "",
+           route_payload: str = "") -> R:
     """Charge the saved card off-session for amount_cents, credit it as Auto Top Up, and run
     `then` in the same transaction. A declined card (or one that needs authentication) books
     nothing, sets auto top-up FAILED, emits AUTO_TOP_UP_FAILED and runs `on_fail` in that transaction.
@@ -246,7 +247,7 @@ def charge(db: Database, gateway: StripeGateway, member_id: int, amount_cents: i
                 row = cards.bind_intent(conn, ref, card_failure.payment_intent_id)
             row = row or cards.get(conn, cards.placeholder_id(ref))
             assert row is not None
-            row = cards.mark_failed(conn, row, card_failure.reason)
+            row = cards.mark_failed(conn, row, card_failure.reason, route_code, route_payload)
             return on_fail(conn, row, card_failure)
 
         return db.run(failed)

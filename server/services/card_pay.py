@@ -120,7 +120,7 @@ def _pay_after_auto_top_up(db: Database, gateway: StripeGateway, once: Once, cmd
         return outcome
 
     return auto_top_up.charge(db, gateway, cmd.member_id, top_up_cents, once.stripe_key("auto-top-up"),
-                              cmd.principal, then, failed)
+                              cmd.principal, then, failed, cmd.route_code, cmd.route_payload)
 
 
 def _start_card_payment(db: Database, gateway: StripeGateway, once: Once, cmd: PayCommand,

@@ -209,8 +209,10 @@ def apply_success(conn: Connection, card: CardPayment, amount_cents: int) -> App
     return applied
 
 
-def mark_failed(conn: Connection, card: CardPayment, reason: str) -> CardPayment:
-    """Stripe says the PaymentIntent failed: record it once and tell subscribers."""
+def mark_failed(conn: Connection, card: CardPayment, reason: str, route_code: str = "",
+                route_payload: str = "") -> CardPayment:
+    """Stripe says the PaymentIntent failed: record it once and tell subscribers (an auto top-up
+    failure carries the route of the Pay that needed it)."""
     if card.status != PENDING:
         return card
     reason = (reason or "the card payment failed")[:MAX_REASON_CHARS]
@@ -228,7 +230,8 @@ def mark_failed(conn: Connection, card: CardPayment, reason: str) -> CardPayment
         conn.execute(update(member_cards).where(member_cards.c.member_id == card.member_id)
                      .values(auto_top_up_status=int(AutoTopUpStatus.FAILED), updated_at=utcnow()))
         emit(conn, NewEvent(EventKind.AUTO_TOP_UP_FAILED, member_id=card.member_id, amount_cents=card.amount_cents,
-                            balance_cents=balance, payment_id=card.payment_id, reason=reason))
+                            balance_cents=balance, payment_id=card.payment_id, reason=reason, route_code=route_code,
+                            route_payload=route_payload))
     return card
 
 
