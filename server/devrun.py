@@ -29,19 +29,21 @@ def main() -> None:
     args = parser.parse_args()
     if not os.environ.get("PAYMENTS_AUTH_TOKENS"):
         os.environ["PAYMENTS_AUTH_TOKENS"] = dev_tokens()
-        by_role = {entry.split("=")[1].split(":")[1]: entry.split("=")[0]
-                   for entry in os.environ["PAYMENTS_AUTH_TOKENS"].split(",")}
         addr = os.environ.get("PAYMENTS_GRPC_ADDR", "127.0.0.1:50051")
+        database = os.environ.get("PAYMENTS_DATABASE_URL", "sqlite:///./var/payments.db")
         print(f"""
-Cobalt Payments (development) on {addr}, database {os.environ.get('PAYMENTS_DATABASE_URL', 'sqlite:///./var/payments.db')}
-Dev tokens are in {TOKENS_FILE} (git-ignored). Try:
+Cobalt Payments (development) on {addr}, database {database}
+Dev tokens (roles app, admin, stripe-bridge) are in {TOKENS_FILE} (git-ignored). Try, in another shell:
 
-  export ADMIN_TOKEN=$(sed 's/.*,\\?\\([^=,]*\\)=dev-admin:admin.*/\\1/' {TOKENS_FILE})
-  npx buf curl --protocol grpc --http2-prior-knowledge -H "authorization: Bearer $ADMIN_TOKEN" \\
+  export ADMIN_TOKEN=$(tr ',' '\\n' < {TOKENS_FILE} | sed -n 's/=dev-admin:admin$//p')
+  export APP_TOKEN=$(tr ',' '\\n' < {TOKENS_FILE} | sed -n 's/=dev-app:app$//p')
+  npm ci   # once: installs buf, pinned in package.json
+  node_modules/.bin/buf curl --protocol grpc --http2-prior-knowledge --list-methods http://{addr}
+  node_modules/.bin/buf curl --protocol grpc --http2-prior-knowledge -H "authorization: Bearer $APP_TOKEN" \\
       -d '{{"account": {{"member_id": 1}}}}' http://{addr}/cobalt.payments.v1.PaymentsService/GetBalance
   PAYMENTS_TOKEN=$ADMIN_TOKEN .venv/bin/payments-admin balance --member 1
 
-Roles: app, admin ({len(by_role)} tokens). Ctrl-C stops.
+Ctrl-C stops.
 """, flush=True)
     if args.local_stripe:
         from server.localdev import run_with_local_stripe
