@@ -3,6 +3,7 @@ concurrency, and what it leaves in the ledger, the settlements table and the out
 
 from __future__ import annotations
 
+import random
 import threading
 from collections import defaultdict
 
@@ -11,6 +12,7 @@ import pytest
 from sqlalchemy import func, select
 
 from cobalt.payments.v1 import payments_pb2 as pb
+from server.domain.money import settlement_for
 from server.domain.types import SystemAccount, organisation_account, system_account
 from server.ledger.schema import accounts, outbox_events, postings, settlements, transactions
 
@@ -196,13 +198,16 @@ def test_fee_settings_apply_and_are_recorded(server, app, admin):
 
 
 def test_concurrent_payments_during_settlement(server, app, admin):
-    """Members pay into a club while it is settled again and again: every cent paid in is either
-    settled once or still on the club's balance."""
+    """Members pay into a club, and the club pays prizes out, while two administrators settle it
+    again and again: every cent is either settled once, paid out, or still on the club's balance."""
     admin.upsert_organisation(30, "Busy BC", bsb="444-444", account_number="44444444", minimum_balance_cents=1_000)
-    payers, pays_each, amount = 4, 15, 700
+    payers, pays_each, amount, prize = 4, 15, 700, 300
     for m in range(1, payers + 1):
         admin.adjust(pays_each * amount, "credit", member_id=100 + m)
     errors: list[BaseException] = []
+    settled: list[pb.SettleResponse] = []
+    prizes_paid: list[int] = []
+    payers_done = threading.Event()
 
     def pay(member_id: int) -> None:
         try:
@@ -212,23 +217,44 @@ def test_concurrent_payments_during_settlement(server, app, admin):
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
 
-    threads = [threading.Thread(target=pay, args=(100 + m,)) for m in range(1, payers + 1)]
-    for t in threads:
+    def settle_until_done() -> None:
+        try:
+            with server.client("admin") as c:
+                while not payers_done.is_set():
+                    settled.append(c.settle([30]))
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    def pay_prizes() -> None:
+        try:
+            with server.client("admin") as c:
+                while not payers_done.is_set():
+                    try:
+                        c.transfer(200, prize, from_organisation_id=30, description="prize")
+                        prizes_paid.append(prize)
+                    except grpc.RpcError as exc:  # the club had too little just then
+                        assert exc.code() == grpc.StatusCode.FAILED_PRECONDITION, exc
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    payer_threads = [threading.Thread(target=pay, args=(100 + m,)) for m in range(1, payers + 1)]
+    others = [threading.Thread(target=settle_until_done) for _ in range(2)] + [threading.Thread(target=pay_prizes)]
+    for t in payer_threads + others:
         t.start()
-    settled_gross = 0
-    batches = 0
-    while any(t.is_alive() for t in threads) or batches == 0:
-        res = admin.settle([30])
-        settled_gross += res.total_gross_cents
-        batches += bool(res.rows)
-    for t in threads:
+    for t in payer_threads:
+        t.join()
+    payers_done.set()
+    for t in others:
         t.join()
     assert not errors, errors
-    res = admin.settle([30])  # whatever is left above the minimum
-    settled_gross += res.total_gross_cents
+    settled.append(admin.settle([30]))  # whatever is left above the minimum
+    settled_gross = sum(res.total_gross_cents for res in settled)
     paid_in = payers * pays_each * amount
-    assert settled_gross == paid_in - 1_000
-    assert app.balance_cents(organisation_id=30) == 1_000
+    club = app.balance_cents(organisation_id=30)
+    assert club == paid_in - sum(prizes_paid) - settled_gross
+    assert club <= 1_000  # the last run left at most the minimum
+    assert app.balance_cents(member_id=200) == sum(prizes_paid)
+    assert sum(bool(res.rows) for res in settled) >= 1
     balances = ledger_checks(server.db)
     assert balances[BANK] + balances[FEDERATION] == settled_gross
     with server.db.engine.connect() as conn:
@@ -239,3 +265,34 @@ def test_concurrent_payments_during_settlement(server, app, admin):
     assert sum(g for g, _ in rows) == settled_gross
     assert all(balance - gross == 1_000 for gross, balance in rows)  # each settled its balance at booking
     assert settle_postings and all(after == 1_000 for after in settle_postings)
+
+
+def test_random_clubs_match_the_maths(server, admin):
+    """Many clubs with random balances, minimums and overrides: every row is what the settlement
+    maths says, and every club ends at its minimum or where it was."""
+    rnd = random.Random(20261126)
+    default_bp = rnd.choice([150, 200, 225])
+    admin.set_fee_settings(settlement_fee_bp=default_bp)
+    expected, balances = {}, {}
+    for org_id in range(40, 60):
+        minimum = rnd.choice([0, 0, 5_000, 20_000])
+        override = rnd.choice([None, None, 0, 175, 225, 333, 10_000])
+        admin.upsert_organisation(org_id, f"Club {org_id}", bsb="062-000", account_number="1234567",
+                                  minimum_balance_cents=minimum, settlement_fee_bp=override)
+        balance = rnd.choice([0, -rnd.randint(1, 5_000), rnd.randint(1, 60_000), rnd.randint(1, 60_000)])
+        if balance:
+            admin.adjust(balance, "opening balance", organisation_id=org_id)
+        balances[org_id] = balance
+        due = settlement_for(balance, minimum, override if override is not None else default_bp)
+        if due is not None:
+            expected[org_id] = (minimum, due)
+    assert expected, "the seed gives some clubs something to settle"
+    res = admin.settle()
+    got = {r.organisation_id: (r.gross_cents, r.fee_bp, r.fee_cents, r.gst_cents, r.net_cents) for r in res.rows}
+    assert got == {org_id: (d.gross_cents, d.fee_bp, d.fee_cents, d.gst_cents, d.net_cents)
+                   for org_id, (_, d) in expected.items()}
+    assert res.total_fee_cents + res.total_net_cents == res.total_gross_cents
+    after = ledger_checks(server.db)
+    for org_id, balance in balances.items():
+        want = expected[org_id][0] if org_id in expected else balance
+        assert after.get(organisation_account(org_id), 0) == want
