@@ -45,7 +45,7 @@ def free_port(host: str = LOCALSTRIPE_HOST) -> int:
         return s.getsockname()[1]
 
 
-def wait_for_http(url: str, timeout_s: float = 15.0) -> None:
+def wait_for_http(url: str, timeout_s: float = 60.0) -> None:
     """Poll until something answers HTTP at url (any status)."""
     deadline = time.monotonic() + timeout_s
     while True:

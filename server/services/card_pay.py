@@ -76,6 +76,7 @@ def pay_when_short(db: Database, gateway: StripeGateway, once: Once, cmd: PayCom
     stored = db.read(once.stored)
     if stored is not None:
         return Replayed(stored)
+
     def plan_it(conn: Connection) -> _Plan:
         require_account(conn, cmd.payee_account)  # an unknown payee fails now, not after the card is charged
         return _plan(conn, cmd.member_id, cmd.amount_cents)
