@@ -17,7 +17,9 @@ from clients.admin_cli import format_cents, parse_dollars
 from server.domain.types import SystemAccount
 
 # the command line is the same whatever the database: these run against the SQLite server
+# (they start processes: `make test-fast` leaves them out)
 sqlite_only = pytest.mark.parametrize("server", ["sqlite"], indirect=True)
+e2e = pytest.mark.e2e
 
 _SCRIPT = Path(sys.executable).with_name("payments-admin")
 COMMAND = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "clients.admin_cli"]
@@ -57,6 +59,7 @@ def test_money_formats():
             parse_dollars(bad)
 
 
+@e2e
 @sqlite_only
 def test_settle_with_yes_writes_the_bank_file(server, app, admin, cli, tmp_path):
     admin.upsert_organisation(10, "North Shore BC", bsb="062-000", account_number="12345678")
@@ -82,6 +85,7 @@ def test_settle_with_yes_writes_the_bank_file(server, app, admin, cli, tmp_path)
     assert again.returncode == 0 and "Nothing to settle" in again.stdout
 
 
+@e2e
 @sqlite_only
 def test_settle_asks_first(server, app, admin, cli):
     admin.upsert_organisation(10, "North Shore BC", bsb="062-000", account_number="12345678")
@@ -99,6 +103,7 @@ def test_settle_asks_first(server, app, admin, cli):
     assert fed == 100
 
 
+@e2e
 @sqlite_only
 def test_statement_csv_parses_back_to_the_ledger(server, app, admin, cli, tmp_path):
     admin.upsert_organisation(7, "Club, with a comma", bsb="062-000", account_number="12345678")
@@ -120,6 +125,9 @@ def test_statement_csv_parses_back_to_the_ledger(server, app, admin, cli, tmp_pa
     assert sum(parse_dollars(r["Amount"]) for r in parsed) == ledger.closing_balance_cents
     assert parsed[-1]["Counterparty"] == "Ann O'Neil (member 1)"
     assert parsed[-1]["Description"] == 'Entry "pairs", 7pm'
+    old = cli("statement", "--org", "7", "--from", "2000-01-01", "--to", "2000-01-02T12:00+10:00", "--csv", "old.csv")
+    assert old.returncode == 0 and (tmp_path / "old.csv").read_text().splitlines() == [
+        "Date,Counterparty,Reference,Type,Description,Amount,Balance"]
     table = cli("statement", "--org", "7", "--limit", "3")
     assert table.returncode == 0 and "Settlement" in table.stdout and "more: --limit or --csv" in table.stdout
     to_stdout = cli("statement", "--member", "1", "--csv", "-")
@@ -128,6 +136,7 @@ def test_statement_csv_parses_back_to_the_ledger(server, app, admin, cli, tmp_pa
     assert parse_dollars(rows[0]["Balance"]) == admin.balance_cents(member_id=1)
 
 
+@e2e
 @sqlite_only
 def test_bad_token_and_missing_token(server, cli, tmp_path):
     bad = cli("summary", token="not-the-token")
@@ -148,6 +157,7 @@ def test_bad_token_and_missing_token(server, cli, tmp_path):
     assert cli("--token-file", str(other), "summary").returncode == 3  # the flag wins over the environment
 
 
+@e2e
 @sqlite_only
 def test_unknown_organisation_unreachable_and_usage(server, admin, cli):
     for args in (["balance", "--org", "99"], ["settle", "99", "--yes"], ["organisations", "show", "99"],
@@ -169,6 +179,7 @@ def test_unknown_organisation_unreachable_and_usage(server, admin, cli):
     assert list(admin.list_organisations().organisations) == []
 
 
+@e2e
 @sqlite_only
 def test_json_and_other_commands(server, app, admin, cli):
     admin.upsert_organisation(7, "Club", bsb="062-000", account_number="12345678")
@@ -199,6 +210,7 @@ def test_json_and_other_commands(server, app, admin, cli):
     assert admin.balance_cents(organisation_id=7) == 2_500
 
 
+@e2e
 @sqlite_only
 def test_events_tail_shows_settlements(server, app, admin, cli):
     admin.upsert_organisation(7, "Club", bsb="062-000", account_number="12345678")
