@@ -12,7 +12,7 @@ from cobalt.payments.v1 import payments_pb2 as pb
 from server.domain.types import AutoTopUpStatus, PostingType, SystemAccount, member_account, system_account
 from server.ledger.db import utcnow
 from server.ledger.ledger import Leg, NewTransaction, book
-from server.ledger.schema import member_cards
+from server.ledger.schema import member_cards, postings
 
 ADMIN_ONLY = [
     ("Settle", pb.SettleRequest(idempotency_key="k1", dry_run=True)),
@@ -68,15 +68,26 @@ def test_org_to_member_transfer_beyond_the_org_balance(server, app, admin):
     assert (done.from_balance_cents, done.to_balance_cents) == (0, 3_000)
 
 
-def _book_card_money(db, member_id: int, cents: int) -> None:  # noqa: ANN001
+def _book_card_money(db, member_id: int, cents: int, *, days_ago: int = 0) -> None:  # noqa: ANN001
     """Card money arrives as the card paths book it: out of `stripe`, into the member."""
     stripe, member = system_account(SystemAccount.STRIPE), member_account(member_id)
 
     def work(conn):  # noqa: ANN001, ANN202
-        book(conn, NewTransaction(PostingType.MANUAL_TOP_UP, "Top up", "test", [
+        booked = book(conn, NewTransaction(PostingType.MANUAL_TOP_UP, "Top up", "test", [
             Leg(stripe, -cents, member), Leg(member, cents, stripe)]))
+        if days_ago:
+            conn.execute(postings.update().where(postings.c.transaction_id == booked.transaction_id)
+                         .values(created_at=utcnow() - timedelta(days=days_ago)))
 
     db.run(work)
+
+
+def _book_card_refund(db, member_id: int, cents: int, fee_cents: int) -> None:  # noqa: ANN001
+    """A refund as the refund path books it: member −amount, `stripe` +(amount − fee), `federation` +fee."""
+    stripe, member = system_account(SystemAccount.STRIPE), member_account(member_id)
+    federation = system_account(SystemAccount.FEDERATION)
+    db.run(lambda conn: book(conn, NewTransaction(PostingType.CARD_REFUND, "Refund", "test", [
+        Leg(member, -cents, stripe), Leg(stripe, cents - fee_cents, member), Leg(federation, fee_cents, member)])))
 
 
 def test_admin_summary(server, app, admin):
@@ -85,6 +96,8 @@ def test_admin_summary(server, app, admin):
     admin.adjust(10_000, "credit", member_id=1)
     admin.adjust(2_500, "credit", member_id=2)
     _book_card_money(server.db, 3, 5_000)
+    _book_card_money(server.db, 5, 7_000, days_ago=31)  # outside the 30 days
+    _book_card_refund(server.db, 5, 1_000, 30)
     app.pay(1, 4_000, organisation_id=7, description="Entry")
     admin.adjust(-300, "correction", member_id=4)  # administrators may take a balance negative
     with server.db.engine.begin() as conn:
@@ -93,16 +106,18 @@ def test_admin_summary(server, app, admin):
             {"member_id": 2, "auto_top_up_status": int(AutoTopUpStatus.OFF), "updated_at": utcnow()},
         ])
     s = admin.admin_summary()
-    assert s.members_with_balance == 4  # 1, 2, 3 and 4 (negative counts: it is not zero)
-    assert s.member_balances_cents == 6_000 + 2_500 + 5_000 - 300
+    assert s.members_with_balance == 5  # 1 to 5 (a negative balance counts: it is not zero)
+    assert s.member_balances_cents == 6_000 + 2_500 + 5_000 - 300 + 6_000
     assert (s.organisations_with_balance, s.organisation_balances_cents) == (1, 4_000)
     assert s.net_liability_cents == s.member_balances_cents + s.organisation_balances_cents
     assert s.members_with_auto_top_up == 1
     assert s.card_money_in_30d_cents == 5_000
+    assert s.card_refunds_30d_cents == 970
     assert s.ledger_sum_cents == 0
     system = {b.account: b.balance_cents for b in s.system_balances}
     assert set(system) == {"stripe", "federation", "bank", "adjustments"}
-    assert system["stripe"] == -5_000
+    assert system["stripe"] == -5_000 - 7_000 + 970
+    assert system["federation"] == 30
     assert system["adjustments"] == -(10_000 + 2_500 - 300)
     assert sum(system.values()) + s.net_liability_cents == 0
 

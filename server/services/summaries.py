@@ -27,6 +27,8 @@ DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 MAX_IDS_PER_REQUEST = 1000
 CARD_MONEY_WINDOW = timedelta(days=30)
+CARD_MONEY_IN_TYPES = (PostingType.MANUAL_TOP_UP, PostingType.AUTO_TOP_UP, PostingType.CC_PAYMENT)
+CARD_REFUND_TYPES = (PostingType.REFUND, PostingType.CARD_REFUND)
 
 
 def _page_size(page_size: int) -> int:
@@ -86,13 +88,15 @@ def admin_summary(conn: Connection, now: datetime | None = None) -> AdminSummary
             member_cards.c.auto_top_up_status == int(AutoTopUpStatus.ON)
         )
     ).scalar_one()
-    # Card money moves through the `stripe` account only: out of it into members is money in by
-    # card; back into it is money returned to cards.
+    # Card money moves through the `stripe` account only: top-ups and card payments take it out of
+    # `stripe` into members; refunds put it back (a reversed refund takes it out again, netted here).
     stripe = system_account(SystemAccount.STRIPE)
+    card_in_types = [t.value for t in CARD_MONEY_IN_TYPES]
+    refund_types = [t.value for t in CARD_REFUND_TYPES]
     card = conn.execute(
         select(
-            func.coalesce(func.sum(case((postings.c.amount_cents < 0, -postings.c.amount_cents), else_=0)), 0),
-            func.coalesce(func.sum(case((postings.c.amount_cents > 0, postings.c.amount_cents), else_=0)), 0),
+            func.coalesce(func.sum(case((postings.c.type.in_(card_in_types), -postings.c.amount_cents), else_=0)), 0),
+            func.coalesce(func.sum(case((postings.c.type.in_(refund_types), postings.c.amount_cents), else_=0)), 0),
         ).where(postings.c.account_id == stripe, postings.c.created_at >= now - CARD_MONEY_WINDOW)
     ).one()
 
