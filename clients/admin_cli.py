@@ -12,7 +12,7 @@ PAYMENTS_TARGET (default 127.0.0.1:50051) or --target.
 
 Exit codes: 0 done; 1 the server refused (not found, invalid, insufficient funds, conflict, …);
 2 usage (bad arguments); 3 no token, bad token or not allowed; 4 server unreachable;
-5 cancelled at a confirmation prompt.
+5 cancelled at a confirmation prompt; 130 interrupted.
 """
 
 from __future__ import annotations
