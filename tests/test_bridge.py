@@ -163,3 +163,31 @@ def test_server_down_gives_5xx_and_a_redelivery_applies_once(cards: CardStack, t
     finally:
         bridge.stop()
         stop_if_running(server)
+
+
+def test_webhooks_and_confirmations_racing_credit_once(cards_any: CardStack) -> None:
+    """ConfirmCardPayment calls and webhook deliveries (distinct event ids) for one PaymentIntent,
+    all at once: the money is credited once (on PostgreSQL the row claim serialises them)."""
+    cards = cards_any
+    started = cards.start_top_up(5, 90_00)
+    assert cards.pay_intent_with_card(started.payment_intent_id) == "succeeded"
+    succeeded = intent_object(cards, started.payment_intent_id)
+    applied_now: list[bool] = []
+    statuses: list[int] = []
+
+    def confirm() -> None:
+        applied_now.append(cards.confirm_card_payment(started.payment_intent_id).applied_now)
+
+    def deliver() -> None:
+        statuses.append(post_signed(cards.bridge.webhook_url, "payment_intent.succeeded", succeeded)[0])
+
+    threads = [threading.Thread(target=fn) for fn in (confirm, deliver) * 4]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert statuses == [200] * 4 and len(applied_now) == 4
+    assert applied_now.count(True) <= 1
+    assert cards.app.balance_cents(member_id=5) == 90_00
+    assert [e.amount_cents for e in cards.outbox("TOP_UP_SUCCEEDED")] == [90_00]
+    cards.assert_invariants()

@@ -260,3 +260,18 @@ def test_crash_between_the_charge_and_the_booking_is_recovered_by_the_webhook(ca
     assert len(rows) == 1 and rows[0].status == "succeeded" and rows[0].payment_intent_id.startswith("pi_")
     assert cards.confirm_card_payment(rows[0].payment_intent_id).applied_now is False
     cards.assert_invariants()
+
+
+def test_card_payment_needing_3d_secure_books_only_after_authentication(cards: CardStack) -> None:
+    cards.admin.upsert_organisation(7, "Bridge Club")
+    resp = cards.app.pay(16, 45_00, organisation_id=7, route_code="UPP")
+    assert cards.pay_intent_with_card(resp.payment_intent_id, THREE_D_SECURE_CARD) == "requires_action"
+    state = cards.confirm_card_payment(resp.payment_intent_id)
+    assert state.status == pb.CARD_PAYMENT_PENDING and not state.applied_now
+    assert cards.posting_count() == 0
+    # the member passes 3-D Secure in the browser (localstripe's stand-in for the bank's page)
+    cards.stripe.raw_request("post", f"/v1/payment_intents/{resp.payment_intent_id}/_authenticate",
+                             client_secret=resp.client_secret, success="true")
+    assert cards.confirm_card_payment(resp.payment_intent_id).applied_now is True
+    assert cards.app.balance_cents(organisation_id=7) == 45_00
+    assert [e.route_code for e in cards.outbox("PAYMENT_SUCCEEDED")] == ["UPP"]

@@ -149,11 +149,13 @@ def setup(db: Database, gateway: StripeGateway, once: Once, member_id: int, amou
 def activate(conn: Connection, member_id: int, setup_intent_id: str, payment_method_id: str) -> bool:
     """The SetupIntent succeeded: auto top-up ON with its card. Only a PENDING setup turns ON: False
     when already on, cancelled, failed since (the member sets up again), or another setup started."""
-    card = card_of(conn, member_id)
-    if card is None or card.setup_intent_id != setup_intent_id or card.status != AutoTopUpStatus.PENDING:
-        return False
-    _set(conn, member_id, payment_method_id=payment_method_id, auto_top_up_status=int(AutoTopUpStatus.ON))
-    return True
+    turned_on = conn.execute(
+        update(member_cards)
+        .where(member_cards.c.member_id == member_id, member_cards.c.setup_intent_id == setup_intent_id,
+               member_cards.c.auto_top_up_status == int(AutoTopUpStatus.PENDING))
+        .values(payment_method_id=payment_method_id, auto_top_up_status=int(AutoTopUpStatus.ON), updated_at=utcnow())
+    ).rowcount
+    return turned_on == 1  # one statement: of ConfirmAutoTopUp and the webhook racing, one turns it on
 
 
 def activation_ref(setup_intent_id: str) -> str:

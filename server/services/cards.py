@@ -147,14 +147,22 @@ class Applied:
     payment_reference: str = ""
 
 
-def _set_status(conn: Connection, card: CardPayment, status: str, reason: str = "") -> CardPayment:
+def _claim(conn: Connection, card: CardPayment, status: str, from_statuses: tuple[str, ...],
+           reason: str = "") -> CardPayment | None:
+    """Move the row to `status` if it is still in one of `from_statuses`, else None. One statement:
+    of two racing transactions (a webhook and ConfirmCardPayment) the second waits for the first's
+    row lock, then finds the status changed and claims nothing, so money is booked once."""
     values: dict = {"status": status}
     if status == SUCCEEDED:
         values["applied_at"] = utcnow()
     if reason:
         values["failure_reason"] = reason[:MAX_REASON_CHARS]
-    conn.execute(update(card_payments).where(card_payments.c.payment_intent_id == card.payment_intent_id)
-                 .values(**values))
+    claimed = conn.execute(update(card_payments)
+                           .where(card_payments.c.payment_intent_id == card.payment_intent_id,
+                                  card_payments.c.status.in_(from_statuses))
+                           .values(**values)).rowcount
+    if claimed != 1:
+        return None
     found = get(conn, card.payment_intent_id)
     assert found is not None
     return found
@@ -164,13 +172,16 @@ def apply_success(conn: Connection, card: CardPayment, amount_cents: int) -> App
     """Stripe says the PaymentIntent succeeded: credit the card money (once) and, for a card payment
     of a Pay, book the Pay with its PAYMENT_SUCCEEDED event, all in this transaction."""
     member_acct = member_account(card.member_id)
-    if card.status == SUCCEEDED:
-        return Applied(card, False, balance_of(conn, member_acct) or 0)
     if amount_cents != card.amount_cents:
         # never credit what we did not ask for; an auditor will want to see this
         log.error("card payment %s: Stripe amount %s differs from ours %s; not applied", card.payment_intent_id,
                   amount_cents, card.amount_cents)
         return Applied(card, False, balance_of(conn, member_acct) or 0)
+    claimed = _claim(conn, card, SUCCEEDED, (PENDING, FAILED))
+    if claimed is None:  # applied already (or concurrently, by the other path)
+        current = get(conn, card.payment_intent_id)
+        return Applied(current or card, False, balance_of(conn, member_acct) or 0)
+    card = claimed
     credit_type = CREDIT_TYPE[card.purpose]
     stripe_acct = system_account(SystemAccount.STRIPE)
     booked = book(conn, NewTransaction(
@@ -178,7 +189,6 @@ def apply_success(conn: Connection, card: CardPayment, amount_cents: int) -> App
         payment_id=card.payment_id,
         legs=[Leg(stripe_acct, -card.amount_cents, member_acct), Leg(member_acct, card.amount_cents, stripe_acct)],
     ))
-    card = _set_status(conn, card, SUCCEEDED)
     balance = booked.balances_after[member_acct]
     applied = Applied(card, True, balance, booked.reference)
     if card.purpose != PAY:
@@ -213,10 +223,11 @@ def mark_failed(conn: Connection, card: CardPayment, reason: str, route_code: st
                 route_payload: str = "") -> CardPayment:
     """Stripe says the PaymentIntent failed: record it once and tell subscribers (an auto top-up
     failure carries the route of the Pay that needed it)."""
-    if card.status != PENDING:
-        return card
     reason = (reason or "the card payment failed")[:MAX_REASON_CHARS]
-    card = _set_status(conn, card, FAILED, reason)
+    claimed = _claim(conn, card, FAILED, (PENDING,), reason)
+    if claimed is None:  # already failed, or succeeded: a late failure changes nothing
+        return get(conn, card.payment_intent_id) or card
+    card = claimed
     balance = balance_of(conn, member_account(card.member_id)) or 0
     if card.purpose == PAY:
         cmd = card.pay_command()
