@@ -112,3 +112,22 @@ def test_refund_of_a_pending_payment_is_refused(cards: CardStack) -> None:
     with pytest.raises(grpc.RpcError) as err:
         refund(cards.admin, started.payment_intent_id, 10_00)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_concurrent_retries_of_one_refund_take_the_money_once(cards_any: CardStack) -> None:
+    import threading
+
+    cards = cards_any
+    pi = cards.top_up_now(11, 100_00)
+    responses: list[pb.RefundResponse] = []
+    threads = [threading.Thread(target=lambda: responses.append(refund(cards.app, pi, 20_00, member_id=11,
+                                                                       key="refund-11")))
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(responses) == 4 and all(r == responses[0] for r in responses)
+    assert cards.app.balance_cents(member_id=11) == 80_00
+    assert len(cards.outbox("REFUNDED")) == 1
+    cards.assert_invariants()

@@ -131,6 +131,10 @@ def _find_hold(conn: Connection, ref: str) -> _Hold | None:
 
 
 def _hold(conn: Connection, cmd: RefundCommand, ref: str) -> _Hold:
+    # Refunds of one card payment take turns (PostgreSQL row lock; SQLite writers are serial), so a
+    # concurrent retry with the same key finds the first one's hold instead of taking the money again.
+    conn.execute(select(card_payments.c.payment_intent_id)
+                 .where(card_payments.c.payment_intent_id == cmd.payment_intent_id).with_for_update())
     existing = _find_hold(conn, ref)
     if existing is not None:
         if existing.status == REVERSED:
