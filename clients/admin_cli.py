@@ -53,14 +53,16 @@ SETTLE_RETRIES = 3  # a real settlement is retried with the same idempotency key
 
 
 
-def _console(stream) -> Console:  # noqa: ANN001
-    """Tables at the terminal's width; piped or redirected output gets room for every column."""
+def _console(stderr: bool) -> Console:
+    """Tables at the terminal's width; piped or redirected output gets room for every column.
+    The console writes to whatever sys.stdout / sys.stderr is when it prints."""
+    stream = sys.stderr if stderr else sys.stdout
     wide = None if stream.isatty() or os.environ.get("COLUMNS") else 160
-    return Console(file=stream, highlight=False, soft_wrap=True, width=wide)
+    return Console(stderr=stderr, highlight=False, soft_wrap=True, width=wide)
 
 
-out = _console(sys.stdout)
-err = _console(sys.stderr)
+out = _console(stderr=False)
+err = _console(stderr=True)
 
 
 class CliError(Exception):
@@ -417,7 +419,9 @@ def cmd_settle(client: PaymentsClient, args: argparse.Namespace) -> int:
     if args.dry_run and args.json:
         out.print_json(as_json(dry))
         return EXIT_OK
-    out.print(settlement_table(dry, f"Settlement (dry run) at default fee {format_bp(dry.default_fee_bp)}"))
+    # with --json, stdout carries only JSON: the table to confirm goes to stderr
+    (err if args.json else out).print(
+        settlement_table(dry, f"Settlement (dry run) at default fee {format_bp(dry.default_fee_bp)}"))
     missing = [r.organisation_id for r in dry.rows if not (r.bsb and r.account_number)]
     if missing:
         err.print("[yellow]warning:[/] no bank details for organisation(s) " + ", ".join(map(str, missing)))
