@@ -6,6 +6,7 @@ import contextlib
 import logging
 import random
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -44,8 +45,9 @@ def make_engine(url: str, *, pool_size: int = 16) -> Engine:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         _sqlite_tuning(engine)
+        _enable_before_commit(engine)
         return engine
-    return create_engine(
+    engine = create_engine(
         url,
         pool_size=pool_size,
         max_overflow=pool_size,
@@ -53,6 +55,48 @@ def make_engine(url: str, *, pool_size: int = 16) -> Engine:
         pool_recycle=1800,
         isolation_level="READ COMMITTED",
     )
+    _enable_before_commit(engine)
+    return engine
+
+
+# ---------------------------------------------------------------- work deferred to the commit
+BEFORE_COMMIT = "before_commit"  # conn.info key: callables run, in order, right before COMMIT
+_engines_with_before_commit: weakref.WeakSet = weakref.WeakSet()
+
+
+def _enable_before_commit(engine: Engine) -> None:
+    @event.listens_for(engine, "begin")
+    def _clear_on_begin(conn):  # noqa: ANN001 - info lives on the pooled connection: start clean
+        conn.info.pop(BEFORE_COMMIT, None)
+
+    @event.listens_for(engine, "commit")
+    def _run_before_commit(conn):  # noqa: ANN001
+        actions = conn.info.pop(BEFORE_COMMIT, None)
+        while actions:  # an exception here aborts the commit: the transaction rolls back whole
+            actions.pop(0)(conn)
+
+    @event.listens_for(engine, "rollback")
+    def _clear_on_rollback(conn):  # noqa: ANN001
+        conn.info.pop(BEFORE_COMMIT, None)
+
+    _engines_with_before_commit.add(engine)
+
+
+def defer_until_commit(conn: Connection, action: Callable[[Connection], None]) -> bool:
+    """Run `action(conn)` in this transaction right before it commits (the ledger uses it to take a
+    hot account's row lock as late as possible). False, and nothing deferred, when this engine was
+    not made by `make_engine`: the caller then does the work at once."""
+    if conn.engine not in _engines_with_before_commit:
+        return False
+    conn.info.setdefault(BEFORE_COMMIT, []).append(action)
+    return True
+
+
+def run_deferred(conn: Connection) -> None:
+    """Run what was deferred so far now (before more work that must see its effect)."""
+    actions = conn.info.pop(BEFORE_COMMIT, None)
+    while actions:
+        actions.pop(0)(conn)
 
 
 def _sqlite_tuning(engine: Engine) -> None:

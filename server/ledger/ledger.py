@@ -12,12 +12,12 @@ import secrets
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, bindparam, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from server.domain.errors import InsufficientFunds, NotFound
 from server.domain.types import AccountKind, PostingType, lock_rank, split_account_id
-from server.ledger.db import utcnow
+from server.ledger.db import defer_until_commit, run_deferred, utcnow
 from server.ledger.schema import accounts, postings, transactions
 
 _REF_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"  # Crockford base32: no I, L, O, U
@@ -59,6 +59,10 @@ class NewTransaction:
     batch_id: str | None = None
     event_id: int | None = None
     session_id: int | None = None
+    # Credits to organisations that come last in the lock order are applied right before COMMIT,
+    # together with the postings, so a hot organisation's row lock is held only through the
+    # commit (a congress taking entries). Their balance-after is then not in Booked.balances_after.
+    late_credits: bool = False
 
 
 @dataclass
@@ -85,20 +89,28 @@ def ensure_account(conn: Connection, acct_id: int, name: str = "") -> None:
     conn.execute(stmt)
 
 
+# Built once: the hot path binds values into these instead of building a statement per call.
+_APPLY = (
+    update(accounts)
+    .where(accounts.c.id == bindparam("leg_account_id"))
+    .values(balance_cents=accounts.c.balance_cents + bindparam("leg_amount_cents"),
+            last_movement_at=bindparam("leg_at"))
+    .returning(accounts.c.balance_cents)
+)
+_APPLY_CHECKED = _APPLY.where(accounts.c.balance_cents >= bindparam("leg_needed_cents"))
+_BALANCE_OF = select(accounts.c.balance_cents).where(accounts.c.id == bindparam("leg_account_id"))
+
+
 def _apply_leg(conn: Connection, leg: Leg) -> int:
-    new_balance = accounts.c.balance_cents + leg.amount_cents
-    stmt = (
-        update(accounts)
-        .where(accounts.c.id == leg.account_id)
-        .values(balance_cents=new_balance, last_movement_at=utcnow())
-        .returning(accounts.c.balance_cents)
-    )
+    params = {"leg_account_id": leg.account_id, "leg_amount_cents": leg.amount_cents, "leg_at": utcnow()}
+    stmt = _APPLY
     if leg.must_stay_non_negative and leg.amount_cents < 0:
-        stmt = stmt.where(accounts.c.balance_cents >= -leg.amount_cents)
-    row = conn.execute(stmt).first()
+        stmt = _APPLY_CHECKED
+        params["leg_needed_cents"] = -leg.amount_cents
+    row = conn.execute(stmt, params).first()
     if row is not None:
         return row[0]
-    balance = conn.execute(select(accounts.c.balance_cents).where(accounts.c.id == leg.account_id)).scalar()
+    balance = conn.execute(_BALANCE_OF, {"leg_account_id": leg.account_id}).scalar()
     if balance is not None:  # the row exists: the funds check refused it
         raise InsufficientFunds(balance, -leg.amount_cents)
     kind, ext = split_account_id(leg.account_id)
@@ -107,7 +119,12 @@ def _apply_leg(conn: Connection, leg: Leg) -> int:
     if leg.must_stay_non_negative and leg.amount_cents < 0:
         raise InsufficientFunds(0, -leg.amount_cents)
     ensure_account(conn, leg.account_id)
-    return conn.execute(stmt).scalar_one()
+    return conn.execute(stmt, params).scalar_one()
+
+
+def _can_be_late(leg: Leg) -> bool:
+    return (leg.amount_cents > 0 and not leg.must_stay_non_negative
+            and split_account_id(leg.account_id)[0] == AccountKind.ORGANISATION)
 
 
 def book(conn: Connection, txn: NewTransaction) -> Booked:
@@ -116,47 +133,120 @@ def book(conn: Connection, txn: NewTransaction) -> Booked:
     assert sum(leg.amount_cents for leg in legs) == 0, "postings of a transaction sum to zero"
     assert all(leg.amount_cents != 0 for leg in legs), "no empty postings"
     assert len({leg.account_id for leg in legs}) == len(legs), "one leg per account"
+    run_deferred(conn)  # late credits of an earlier booking in this transaction land first
     # Lock and apply first, then take the time: per account, posting ids and times follow the
     # order in which the row lock was held, so balance-after always reads right on a statement.
     ordered = sorted(enumerate(legs, start=1), key=lambda il: lock_rank(il[1].account_id))
-    balances = {leg.account_id: _apply_leg(conn, leg) for _, leg in ordered}
+    n_early = len(ordered)
+    if txn.late_credits:  # only a tail of the lock order may wait: the order stays the one order
+        while n_early > 1 and _can_be_late(ordered[n_early - 1][1]):
+            n_early -= 1
+    early, late = ordered[:n_early], ordered[n_early:]
+    balances = {leg.account_id: _apply_leg(conn, leg) for _, leg in early}
     now = utcnow()
     reference = new_reference(txn.type)
     txn_id = conn.execute(
-        insert(transactions)
-        .values(
-            reference=reference,
-            type=txn.type.value,
-            description=txn.description,
-            principal=txn.principal,
-            payment_id=txn.payment_id,
-            batch_id=txn.batch_id,
-            event_id=txn.event_id,
-            session_id=txn.session_id,
-            created_at=now,
-        )
-        .returning(transactions.c.id)
-    ).scalar_one()
-    booked = Booked(txn_id, reference, now, balances)
-    rows = [
+        _INSERT_TRANSACTION,
         {
-            "transaction_id": txn_id,
-            "account_id": leg.account_id,
-            "amount_cents": leg.amount_cents,
-            "balance_after_cents": balances[leg.account_id],
-            "counterparty_account_id": leg.counterparty_account_id,
-            "reference": f"{reference}-{index}",
+            "reference": reference,
             "type": txn.type.value,
             "description": txn.description,
+            "principal": txn.principal,
             "payment_id": txn.payment_id,
+            "batch_id": txn.batch_id,
             "event_id": txn.event_id,
             "session_id": txn.session_id,
             "created_at": now,
-        }
-        for index, leg in ordered
-    ]
-    conn.execute(insert(postings), rows)
+        },
+    ).scalar_one()
+    booked = Booked(txn_id, reference, now, balances)
+    if not late:
+        _insert_postings(conn, txn, txn_id, reference, ordered, balances, now)
+        return booked
+
+    def apply_late(c: Connection) -> None:
+        if c.dialect.name == "postgresql":
+            _apply_late_pg(c, txn, txn_id, reference, early, late, balances)
+            return
+        late_balances = dict(balances)
+        late_balances.update({leg.account_id: _apply_leg(c, leg) for _, leg in late})
+        _insert_postings(c, txn, txn_id, reference, ordered, late_balances, utcnow())
+
+    if not defer_until_commit(conn, apply_late):
+        apply_late(conn)
     return booked
+
+
+_INSERT_TRANSACTION = insert(transactions).returning(transactions.c.id)
+
+
+def _posting_row(txn: NewTransaction, txn_id: int, reference: str, index: int, leg: Leg, balance_after: int,
+                 at: datetime) -> dict:
+    return {
+        "transaction_id": txn_id,
+        "account_id": leg.account_id,
+        "amount_cents": leg.amount_cents,
+        "balance_after_cents": balance_after,
+        "counterparty_account_id": leg.counterparty_account_id,
+        "reference": f"{reference}-{index}",
+        "type": txn.type.value,
+        "description": txn.description,
+        "payment_id": txn.payment_id,
+        "event_id": txn.event_id,
+        "session_id": txn.session_id,
+        "created_at": at,
+    }
+
+
+def _insert_postings(conn: Connection, txn: NewTransaction, txn_id: int, reference: str,
+                     ordered: list[tuple[int, Leg]], balances: dict[int, int], at: datetime) -> None:
+    rows = [_posting_row(txn, txn_id, reference, index, leg, balances[leg.account_id], at) for index, leg in ordered]
+    conn.execute(insert(postings), rows)
+
+
+_POSTING_COLUMNS = ("transaction_id", "account_id", "amount_cents", "balance_after_cents", "counterparty_account_id",
+                    "reference", "type", "description", "payment_id", "event_id", "session_id", "created_at")
+_POSTING_CASTS = ("bigint", "bigint", "bigint", "bigint", "bigint", "varchar", "varchar", "varchar", "varchar",
+                  "bigint", "bigint", "timestamptz")
+
+
+def _apply_late_pg(conn: Connection, txn: NewTransaction, txn_id: int, reference: str,
+                   early: list[tuple[int, Leg]], late: list[tuple[int, Leg]], balances: dict[int, int]) -> None:
+    """One round trip: credit each late account and insert every posting of the transaction, the
+    late ones with the balance their UPDATE returned. The row locks are then held only through
+    this statement and the commit."""
+    at = utcnow()
+    params: dict = {"at": at}
+    ctes: list[str] = []
+    selects: list[str] = []
+    for n, (index, leg) in enumerate(late):
+        row = _posting_row(txn, txn_id, reference, index, leg, 0, at)
+        ctes.append(
+            f"c{n} AS (UPDATE accounts SET balance_cents = balance_cents + %(c{n}_amount_cents)s, "
+            f"last_movement_at = %(at)s WHERE id = %(c{n}_account_id)s RETURNING balance_cents)"
+        )
+        cols = []
+        for col, cast in zip(_POSTING_COLUMNS, _POSTING_CASTS, strict=True):
+            if col == "balance_after_cents":
+                cols.append(f"c{n}.balance_cents")
+                continue
+            params[f"c{n}_{col}"] = row[col]
+            cols.append(f"CAST(%(c{n}_{col})s AS {cast})")
+        selects.append(f"SELECT {', '.join(cols)} FROM c{n}")
+    for n, (index, leg) in enumerate(early):
+        row = _posting_row(txn, txn_id, reference, index, leg, balances[leg.account_id], at)
+        cols = []
+        for col, cast in zip(_POSTING_COLUMNS, _POSTING_CASTS, strict=True):
+            params[f"e{n}_{col}"] = row[col]
+            cols.append(f"CAST(%(e{n}_{col})s AS {cast})")
+        # only with every late credit applied (an unknown organisation writes nothing)
+        selects.append(f"SELECT {', '.join(cols)} FROM {', '.join(f'c{m}' for m in range(len(late)))}")
+    sql = (f"WITH {', '.join(ctes)} INSERT INTO postings ({', '.join(_POSTING_COLUMNS)}) "
+           f"{' UNION ALL '.join(selects)} RETURNING account_id")
+    written = {r[0] for r in conn.exec_driver_sql(sql, params)}
+    for _, leg in late:
+        if leg.account_id not in written:  # no such organisation: the whole transaction rolls back
+            raise NotFound(f"organisation {split_account_id(leg.account_id)[1]} is not registered")
 
 
 def balance_of(conn: Connection, acct_id: int) -> int | None:

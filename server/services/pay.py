@@ -113,6 +113,9 @@ def pay_from_balance(conn: Connection, cmd: PayCommand, payment_id: str | None =
                     Leg(member_acct, -cmd.amount_cents, payee_acct, must_stay_non_negative=True),
                     Leg(payee_acct, cmd.amount_cents, member_acct),
                 ],
+                # an organisation's balance is not needed here: credit it at the commit, so a
+                # congress taking entries does not serialise every payment on its row lock
+                late_credits=cmd.organisation_id is not None,
             ),
         )
     except InsufficientFunds:
