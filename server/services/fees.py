@@ -25,6 +25,10 @@ class FeeSettings:
     set_by: str
 
 
+# No low-balance limit may be set above this, so a balance at or above it is never low (the
+# payment path then skips reading the settings).
+MAX_LOW_BALANCE_LIMIT_CENTS = money.MAX_TOP_UP_CENTS
+
 DEFAULTS = FeeSettings(
     version=0,
     settlement_fee_bp=money.DEFAULT_SETTLEMENT_FEE_BP,
@@ -67,8 +71,8 @@ def set_fee_settings(conn: Connection, new: FeeSettings, principal: str) -> FeeS
             raise InvalidArgument.field(name, f"must be between 0 and {money.MAX_FEE_BP} basis points")
     if not 0 <= new.stripe_cost_per_transaction_cents <= 10_000:
         raise InvalidArgument.field("stripe_cost_per_transaction_cents", "must be between 0 and 10000")
-    if not 0 <= new.low_balance_limit_cents <= money.MAX_TOP_UP_CENTS:
-        raise InvalidArgument.field("low_balance_limit_cents", f"must be between 0 and {money.MAX_TOP_UP_CENTS}")
+    if not 0 <= new.low_balance_limit_cents <= MAX_LOW_BALANCE_LIMIT_CENTS:
+        raise InvalidArgument.field("low_balance_limit_cents", f"must be between 0 and {MAX_LOW_BALANCE_LIMIT_CENTS}")
     now = utcnow()
     version = conn.execute(
         insert(fee_settings)

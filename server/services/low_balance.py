@@ -7,12 +7,14 @@ from sqlalchemy import Connection, select
 from server.domain.types import AutoTopUpStatus, EventKind
 from server.events.outbox import NewEvent
 from server.ledger.schema import member_cards
-from server.services.fees import current_fee_settings
+from server.services.fees import MAX_LOW_BALANCE_LIMIT_CENTS, current_fee_settings
 
 
 def low_balance_check(conn: Connection, member_id: int, balance_cents: int, events: list[NewEvent]) -> bool:
     """Below the low limit: with auto top-up ON return True (the caller tops up after commit,
     since Stripe is never called inside a transaction); otherwise add a LOW_BALANCE event."""
+    if balance_cents >= MAX_LOW_BALANCE_LIMIT_CENTS:  # above any limit that can be set: no query
+        return False
     low_limit_cents = current_fee_settings(conn).low_balance_limit_cents
     if balance_cents >= low_limit_cents:
         return False
