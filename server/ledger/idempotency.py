@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, insert, select
+from sqlalchemy import Connection, bindparam, insert, select
 
 from server.domain.errors import AlreadyExists, InvalidArgument
 from server.domain.money import MAX_IDEMPOTENCY_KEY_CHARS
@@ -31,12 +31,14 @@ class Stored:
     response: bytes
 
 
+_LOOKUP = select(idempotency_keys.c.method, idempotency_keys.c.request_hash, idempotency_keys.c.response).where(
+    idempotency_keys.c.principal == bindparam("idem_principal"), idempotency_keys.c.key == bindparam("idem_key")
+)
+_RECORD = insert(idempotency_keys)
+
+
 def lookup(conn: Connection, principal: str, key: str, method: str, req_hash: str) -> Stored | None:
-    row = conn.execute(
-        select(idempotency_keys.c.method, idempotency_keys.c.request_hash, idempotency_keys.c.response).where(
-            idempotency_keys.c.principal == principal, idempotency_keys.c.key == key
-        )
-    ).first()
+    row = conn.execute(_LOOKUP, {"idem_principal": principal, "idem_key": key}).first()
     if row is None:
         return None
     if row.method != method or row.request_hash != req_hash:
@@ -48,7 +50,7 @@ def lookup(conn: Connection, principal: str, key: str, method: str, req_hash: st
 
 def record(conn: Connection, principal: str, key: str, method: str, req_hash: str, response: bytes) -> None:
     conn.execute(
-        insert(idempotency_keys).values(
-            principal=principal, key=key, method=method, request_hash=req_hash, response=response, created_at=utcnow()
-        )
+        _RECORD,
+        {"principal": principal, "key": key, "method": method, "request_hash": req_hash, "response": response,
+         "created_at": utcnow()},
     )
