@@ -263,3 +263,32 @@ def test_events_tail_shows_settlements(server, app, admin, cli):
         proc.wait(10)
     assert first["kind"] == "SETTLEMENT_MADE" and first["payment_id"] == batch
     assert int(first["organisation_id"]) == 7 and int(first["amount_cents"]) == 1_000
+
+
+BUF = Path(__file__).resolve().parent.parent / "node_modules" / ".bin" / "buf"
+
+
+@e2e
+@sqlite_only
+def test_readme_buf_curl_settlement(server, app, admin):
+    """The README's `buf curl` settlement: a dry run, then the real run with its balances."""
+    if not BUF.exists():
+        pytest.skip("node_modules/.bin/buf is missing: `make test` installs it (npm ci)")
+    admin.upsert_organisation(7, "Club", bsb="062-000", account_number="12345678")
+    fund(admin, app, 7, 12_345, member_id=1)
+    url = f"http://{server.target}/cobalt.payments.v1.PaymentsService/Settle"
+
+    def curl(body: dict) -> dict:
+        res = subprocess.run([str(BUF), "curl", "--protocol", "grpc", "--http2-prior-knowledge", "--timeout", "20s",
+                              "-H", f"authorization: Bearer {TOKENS['admin']}", "-d", json.dumps(body), url],
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        return json.loads(res.stdout)
+
+    dry = curl({"dry_run": True})
+    assert dry["dryRun"] is True and dry["rows"][0]["grossCents"] == "12345" and dry["rows"][0]["feeCents"] == "247"
+    real = curl({"idempotency_key": "settle-2026-11", "organisation_ids": [7],
+                 "expected_balances": [{"organisation_id": 7, "balance_cents": 12_345}]})
+    assert real["batchId"].startswith("stl_") and real["totalNetCents"] == "12098"
+    assert "balanceChanged" not in real["rows"][0]
+    assert admin.balance_cents(organisation_id=7) == 0
