@@ -3,7 +3,8 @@
     .venv/bin/python tests/perf_events_subscribers.py [--database-url URL] [--seconds 8] [--payers 8]
 
 Starts one `payments-server` process, a payer (threads in this process) and, for the subscribed runs, a
-separate process holding the streams. Scenarios: no subscriber; 100 subscribers each filtering its own
+separate process holding the streams; besides throughput and latency it reports the server process's CPU time per
+Pay, which a machine busy with other work disturbs less. Scenarios: no subscriber; 100 subscribers each filtering its own
 route code (each sees about 1 % of the events, the usual shape: one app, one route); 100 subscribers
 receiving every event (worst case: 100 × the event rate leaves the server). Not a test: it only prints.
 """
@@ -38,6 +39,12 @@ from cobalt.payments.v1 import payments_pb2_grpc as pb_grpc  # noqa: E402
 
 ROUTES = [f"R{i:02d}" for i in range(100)]
 MEMBERS = range(1, 201)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def start_server(database_url: str, log_path: Path) -> tuple[subprocess.Popen, str]:
@@ -120,7 +127,8 @@ def run(database_url: str, seconds: float, payers: int, rounds: int) -> None:
             for m in MEMBERS:
                 admin.adjust(10_000_000, "credit", member_id=m)
         pay_for(target, 2, payers)  # warm up
-        scenarios = [("0 subscribers", 0, True), ("100 subscribers, own route each", 100, True),
+        scenarios = [("0 subscribers", 0, True), ("1 subscriber, own route", 1, True),
+                     ("100 subscribers, own route each", 100, True),
                      ("100 subscribers, every event", 100, False)]
         for r in range(rounds):
             for name, count, filtered in scenarios:
@@ -132,7 +140,10 @@ def run(database_url: str, seconds: float, payers: int, rounds: int) -> None:
                                                   args=(target, count, filtered, ready, stop, received))
                     sub.start()
                     ready.wait(30)
+                cpu_before = cpu_seconds(proc.pid)
                 figures = pay_for(target, seconds, payers)
+                pays = figures["pays_per_s"] * seconds
+                figures["server_cpu_ms_per_pay"] = round((cpu_seconds(proc.pid) - cpu_before) * 1000 / pays, 2)
                 time.sleep(1.0)
                 stop.set()
                 if sub is not None:

@@ -68,6 +68,8 @@ class PgWakeups:
         conn = self._engine.dialect.connect(*cargs, **cparams)
         conn.autocommit = True
         with conn.cursor() as cur:
+            # a NOTIFY is a commit of its own; a lost one only delays, so don't wait for it to be flushed
+            cur.execute("SET synchronous_commit TO off")
             cur.execute(f"LISTEN {CHANNEL}")
         return conn
 
