@@ -8,7 +8,7 @@ from sqlalchemy import Connection
 
 from cobalt.payments.v1 import payments_pb2 as pb
 from server.api.base import ApiBase
-from server.domain.errors import InvalidArgument, OutOfRange
+from server.domain.errors import InvalidArgument, OutOfRange, Unavailable
 from server.domain.money import MAX_ROUTE_CODE_CHARS
 from server.events import store
 from server.events.hub import EventHub, HubLimits
@@ -73,15 +73,20 @@ class EventsApi(ApiBase):
         await self.event_hub.start()
 
     async def on_server_stop(self) -> None:
-        await self.event_hub.stop()
+        hub = getattr(self, "event_hub", None)
+        if hub is not None:
+            await hub.stop()
         await super().on_server_stop()
 
     async def Subscribe(self, request: pb.SubscribeRequest, context) -> AsyncIterator[pb.Event]:  # noqa: ANN001, N802
         flt = event_filter(request)
         store.check_consumer(request.consumer, required=False)
+        hub = getattr(self, "event_hub", None)
+        if hub is None:
+            raise Unavailable("the event stream is starting; retry in a moment")
         principal = self.principal().name
         after = await self.read(lambda conn: start_cursor(conn, principal, request))
-        async for ev in self.event_hub.stream(flt, after):
+        async for ev in hub.stream(flt, after):
             yield event_message(ev)
 
     async def Ack(self, request: pb.AckRequest, context) -> pb.AckResponse:  # noqa: ANN001, N802

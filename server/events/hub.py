@@ -163,8 +163,9 @@ class EventHub:
                 log.warning("event reader step failed", error=type(exc).__name__, detail=str(exc)[:200])
 
     def _read_step(self, after: int | None, jump: bool) -> tuple[int | None, list[StoredEvent], int | None]:
-        with self.db.engine.connect() as conn:
+        def step(conn: Connection) -> tuple[int | None, list[StoredEvent], int | None]:
             horizon = self._horizon.advance(conn)
+            conn.commit()  # whatever the isolation level, the rows below are read in a snapshot after the probe
             if horizon is None:
                 return None, [], after
             if jump or after is None:
@@ -174,6 +175,8 @@ class EventHub:
             events = store.read_range(conn, after, horizon, limit=self.limits.read_batch)
             through = horizon if len(events) < self.limits.read_batch else events[-1].sequence
             return horizon, events, through
+
+        return self.db.read(step)
 
     async def _step(self, loop: asyncio.AbstractEventLoop) -> bool:
         """Probe and publish once; True when there may be more to read soon."""
