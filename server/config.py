@@ -32,6 +32,7 @@ class Settings:
     db_pool_size: int = 16
     db_threads: int = 16
     event_retention_days: int = 30
+    event_poll_interval_ms: int = 1000  # the event stream's fallback poll when no wake-up comes
     shutdown_grace_s: int = 5
     extra: dict = field(default_factory=dict)
 
@@ -50,5 +51,6 @@ class Settings:
             db_pool_size=_int("PAYMENTS_DB_POOL_SIZE", 16),
             db_threads=_int("PAYMENTS_DB_THREADS", 16),
             event_retention_days=_int("PAYMENTS_EVENT_RETENTION_DAYS", 30),
+            event_poll_interval_ms=_int("PAYMENTS_EVENT_POLL_INTERVAL_MS", 1000),
             shutdown_grace_s=_int("PAYMENTS_SHUTDOWN_GRACE_S", 5),
         )

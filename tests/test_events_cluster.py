@@ -37,7 +37,9 @@ class ServerProcess:
     def __init__(self, database_url: str, log_path: Path):
         env = dict(os.environ, PAYMENTS_DATABASE_URL=database_url, PAYMENTS_GRPC_ADDR="127.0.0.1:0",
                    PAYMENTS_AUTH_TOKENS=AUTH_SPEC, PAYMENTS_DB_POOL_SIZE="4", PAYMENTS_DB_THREADS="6",
-                   PAYMENTS_SHUTDOWN_GRACE_S="1")
+                   PAYMENTS_SHUTDOWN_GRACE_S="1",
+                   # no fallback poll within the test: events from the other process arrive by NOTIFY
+                   PAYMENTS_EVENT_POLL_INTERVAL_MS="120000")
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         binary = [str(SERVER_BIN)] if SERVER_BIN.exists() else [sys.executable, "-m", "server"]
@@ -187,6 +189,16 @@ def test_two_processes_deliver_everything_in_order_even_when_one_dies(postgres_u
         assert_no_gap(on_a.sequences, expected)
         assert_no_gap(on_b.sequences, expected)
         assert set(via_b) <= on_a.payment_ids and set(via_a) <= on_b.payment_ids
+
+        # 1b. writes through B alone reach A's subscriber promptly: only B's NOTIFY can wake A
+        base = newest(engine)
+        only_b: list[str] = []
+        started = time.monotonic()
+        pay_many(b, 5, 7, only_b)
+        on_a.wait_until(outbox_after(engine, base)[-1], timeout_s=10)
+        assert time.monotonic() - started < 10
+        assert set(only_b) <= on_a.payment_ids
+        assert_no_gap(on_a.sequences, outbox_after(engine, expected[0] - 1))
 
         # 2. kill B while its subscriber is mid-stream, resume on A from the last sequence seen
         base = newest(engine)

@@ -68,8 +68,9 @@ class EventsApi(ApiBase):
 
     async def on_server_start(self) -> None:
         await super().on_server_start()
-        self.event_hub = EventHub(self.db, self.read, self.settings.event_retention_days,
-                                  HubLimits.from_extra(self.settings.extra))
+        limits = HubLimits.from_extra(
+            {"event_poll_interval_s": max(self.settings.event_poll_interval_ms, 10) / 1000, **self.settings.extra})
+        self.event_hub = EventHub(self.db, self.read, self.settings.event_retention_days, limits)
         await self.event_hub.start()
 
     async def on_server_stop(self) -> None:
