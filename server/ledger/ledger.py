@@ -165,9 +165,7 @@ def book(conn: Connection, txn: NewTransaction) -> Booked:
         return booked
 
     def apply_late(c: Connection) -> None:
-        if c.dialect.name == "postgresql":
-            _apply_late_pg(c, txn, txn_id, reference, early, late, balances)
-            return
+        # lock, then take the time, exactly as above: a statement's order stays the lock order
         late_balances = dict(balances)
         late_balances.update({leg.account_id: _apply_leg(c, leg) for _, leg in late})
         _insert_postings(c, txn, txn_id, reference, ordered, late_balances, utcnow())
@@ -202,51 +200,6 @@ def _insert_postings(conn: Connection, txn: NewTransaction, txn_id: int, referen
                      ordered: list[tuple[int, Leg]], balances: dict[int, int], at: datetime) -> None:
     rows = [_posting_row(txn, txn_id, reference, index, leg, balances[leg.account_id], at) for index, leg in ordered]
     conn.execute(insert(postings), rows)
-
-
-_POSTING_COLUMNS = ("transaction_id", "account_id", "amount_cents", "balance_after_cents", "counterparty_account_id",
-                    "reference", "type", "description", "payment_id", "event_id", "session_id", "created_at")
-_POSTING_CASTS = ("bigint", "bigint", "bigint", "bigint", "bigint", "varchar", "varchar", "varchar", "varchar",
-                  "bigint", "bigint", "timestamptz")
-
-
-def _apply_late_pg(conn: Connection, txn: NewTransaction, txn_id: int, reference: str,
-                   early: list[tuple[int, Leg]], late: list[tuple[int, Leg]], balances: dict[int, int]) -> None:
-    """One round trip: credit each late account and insert every posting of the transaction, the
-    late ones with the balance their UPDATE returned. The row locks are then held only through
-    this statement and the commit."""
-    at = utcnow()
-    params: dict = {"at": at}
-    ctes: list[str] = []
-    selects: list[str] = []
-    for n, (index, leg) in enumerate(late):
-        row = _posting_row(txn, txn_id, reference, index, leg, 0, at)
-        ctes.append(
-            f"c{n} AS (UPDATE accounts SET balance_cents = balance_cents + %(c{n}_amount_cents)s, "
-            f"last_movement_at = %(at)s WHERE id = %(c{n}_account_id)s RETURNING balance_cents)"
-        )
-        cols = []
-        for col, cast in zip(_POSTING_COLUMNS, _POSTING_CASTS, strict=True):
-            if col == "balance_after_cents":
-                cols.append(f"c{n}.balance_cents")
-                continue
-            params[f"c{n}_{col}"] = row[col]
-            cols.append(f"CAST(%(c{n}_{col})s AS {cast})")
-        selects.append(f"SELECT {', '.join(cols)} FROM c{n}")
-    for n, (index, leg) in enumerate(early):
-        row = _posting_row(txn, txn_id, reference, index, leg, balances[leg.account_id], at)
-        cols = []
-        for col, cast in zip(_POSTING_COLUMNS, _POSTING_CASTS, strict=True):
-            params[f"e{n}_{col}"] = row[col]
-            cols.append(f"CAST(%(e{n}_{col})s AS {cast})")
-        # only with every late credit applied (an unknown organisation writes nothing)
-        selects.append(f"SELECT {', '.join(cols)} FROM {', '.join(f'c{m}' for m in range(len(late)))}")
-    sql = (f"WITH {', '.join(ctes)} INSERT INTO postings ({', '.join(_POSTING_COLUMNS)}) "
-           f"{' UNION ALL '.join(selects)} RETURNING account_id")
-    written = {r[0] for r in conn.exec_driver_sql(sql, params)}
-    for _, leg in late:
-        if leg.account_id not in written:  # no such organisation: the whole transaction rolls back
-            raise NotFound(f"organisation {split_account_id(leg.account_id)[1]} is not registered")
 
 
 def balance_of(conn: Connection, acct_id: int) -> int | None:
