@@ -144,19 +144,23 @@ def ack(conn: Connection, principal: str, consumer: str, sequence: int) -> int:
 
 
 def prune(conn: Connection, retention_days: int, now: datetime | None = None) -> int:
-    """Delete up to PRUNE_BATCH_ROWS events older than the retention, never the newest event, and raise
-    `pruned_through` to the highest sequence deleted. Returns how many rows went."""
+    """Delete the oldest events older than the retention, at most PRUNE_BATCH_ROWS per call and never the
+    newest event, and raise `pruned_through` to the highest sequence deleted. Returns how many rows went.
+    Works from the oldest row up along the primary key, so a run costs the same however big the table."""
     cutoff = (now or utcnow()) - timedelta(days=retention_days)
     newest = last_sequence(conn)
-    upto = conn.execute(
-        select(func.max(outbox_events.c.sequence)).where(
-            outbox_events.c.created_at < cutoff, outbox_events.c.sequence < newest)).scalar()
+    oldest = (select(outbox_events.c.sequence, outbox_events.c.created_at)
+              .where(outbox_events.c.sequence < newest)
+              .order_by(outbox_events.c.sequence).limit(PRUNE_BATCH_ROWS).subquery())
+    first_kept, last_old = conn.execute(select(
+        func.min(case((oldest.c.created_at >= cutoff, oldest.c.sequence))),
+        func.max(oldest.c.sequence))).one()
+    upto = last_old if first_kept is None else first_kept - 1
     if not upto:
         return 0
-    first = conn.execute(select(func.min(outbox_events.c.sequence))).scalar_one()
-    # in batches of sequence numbers, so one run never holds a long lock
-    upto = min(upto, first + PRUNE_BATCH_ROWS - 1)
     deleted = conn.execute(delete(outbox_events).where(outbox_events.c.sequence <= upto)).rowcount
+    if not deleted:
+        return 0
     stmt = _insert_for(conn)(event_stream_state).values(name=PRUNED_THROUGH, value=upto)
     stmt = stmt.on_conflict_do_update(
         index_elements=[event_stream_state.c.name],
