@@ -9,9 +9,11 @@ from zoneinfo import ZoneInfo
 
 import grpc
 import pytest
+from conftest import TOKENS
 from ledger_invariants import check_invariants, snapshot
 from sqlalchemy import select
 
+from clients.payments_client import PaymentsClient
 from cobalt.payments.v1 import payments_pb2 as pb
 from server.domain.types import member_account, organisation_account
 from server.ledger.schema import outbox_events, postings, transactions
@@ -300,3 +302,36 @@ def test_padded_text_is_stored_trimmed(server, admin, app):
     assert [ln.description for ln in app.get_statement(member_id=1).lines] == [text] * 3
     [event] = events(server, "PAYMENT_SUCCEEDED")
     assert event.route_code == "EVT-ROUTE-CODE16"
+
+
+def test_a_slow_export_does_not_hold_up_payments(server, admin, app):
+    """A statement export being read slowly keeps its read snapshot, but never blocks a Pay."""
+    from server.domain.types import SystemAccount, system_account
+    from server.ledger.db import utcnow
+
+    admin.upsert_organisation(7, "Club")
+    admin.adjust(10_000, "opening", member_id=1)
+    member, counter = member_account(1), system_account(SystemAccount.ADJUSTMENTS)
+    with server.db.engine.begin() as conn:  # a long history, written directly to keep the test quick
+        txn_id = conn.execute(transactions.insert().values(
+            reference="TST-LONG-HIST", type="MISCELLANEOUS", description="history", principal="test",
+            created_at=utcnow()).returning(transactions.c.id)).scalar_one()
+        conn.execute(postings.insert(), [
+            {"transaction_id": txn_id, "account_id": member, "amount_cents": 0, "balance_after_cents": 10_000,
+             "counterparty_account_id": counter, "reference": f"TST-LONG-HIST-{i}", "type": "MISCELLANEOUS",
+             "description": "an old line of a long statement", "created_at": utcnow()}
+            for i in range(6_000)])
+    # no BDP probing: the receive window stays small, so the server cannot run ahead of a slow reader
+    slow_reader = PaymentsClient(server.target, TOKENS["app"],
+                                 channel=grpc.insecure_channel(server.target, options=[("grpc.http2.bdp_probe", 0)]))
+    chunks = slow_reader.stream("ExportStatement", pb.ExportStatementRequest(account=pb.AccountRef(member_id=1)), 60)
+    first = next(chunks)
+    assert first.data.startswith(b"Date,Counterparty,Reference")
+    # the export is paused mid-way, its transaction open: a payment still goes through at once
+    with server.client("app") as other:
+        other.timeout_s = 8
+        assert other.pay(1, 100, organisation_id=7).balance_cents == 9_900
+    rest = b"".join(chunk.data for chunk in chunks)
+    lines = (first.data + rest).decode().splitlines()
+    assert len(lines) == 1 + 6_000 + 1, "the export is the snapshot taken when it started"
+    slow_reader.close()

@@ -113,7 +113,7 @@ class LedgerApi(ApiBase):
         tz = self.settings.timezone
         # One read transaction, so the export is one consistent snapshot; chunks are pulled
         # from the pool thread one at a time.
-        conn = await self.in_thread(self.db.engine.connect)
+        conn = await self.in_thread(self.db.read_connection)
         try:
             chunks = statements.export_csv(conn, acct, start, end, tz)
             while True:

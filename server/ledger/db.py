@@ -99,6 +99,9 @@ def run_deferred(conn: Connection) -> None:
         actions.pop(0)(conn)
 
 
+READ_ONLY = "payments_read_only"  # execution option of connections that only read
+
+
 def _sqlite_tuning(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn, _record):  # noqa: ANN001
@@ -112,6 +115,10 @@ def _sqlite_tuning(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn):  # noqa: ANN001
+        if conn.get_execution_options().get(READ_ONLY):
+            # a reader takes no lock: in WAL mode it reads one snapshot while writers go on
+            conn.exec_driver_sql("BEGIN")
+            return
         # Take the write lock up front: no read-then-upgrade deadlocks between writers.
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
@@ -183,9 +190,13 @@ class Database:
             except Exception:  # noqa: BLE001 - the commit stands; a missed wake-up only delays delivery
                 logging.getLogger(__name__).exception("after-commit hook failed")
 
+    def read_connection(self) -> Connection:
+        """A connection for reading only (on SQLite it holds no write lock); the caller closes it."""
+        return self.engine.connect().execution_options(**{READ_ONLY: True})
+
     def read(self, fn: Callable[[Connection], T]) -> T:
         try:
-            with self.engine.connect() as conn:
+            with self.read_connection() as conn:
                 return fn(conn)
         except DBAPIError as exc:
             if _is_unavailable(exc):
