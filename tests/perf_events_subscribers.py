@@ -118,6 +118,35 @@ def pay_for(target: str, seconds: float, payers: int) -> dict:
     }
 
 
+def delivery_latency(target: str, count: int = 50) -> dict:
+    """From a Pay's response to its event reaching a subscriber on the same server (paced Pays)."""
+    arrived: dict[str, float] = {}
+    with PaymentsClient(target, TOKENS["app"]) as app:
+        call = app.stream("Subscribe", pb.SubscribeRequest(after_sequence=-1, route_codes=["LAT"]))
+
+        def read() -> None:
+            try:
+                for ev in call:
+                    arrived[ev.payment_id] = time.perf_counter()
+            except grpc.RpcError:
+                pass
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        time.sleep(1.0)
+        answered = {}
+        for i in range(count):
+            resp = app.pay(MEMBERS[i % len(MEMBERS)], 1, organisation_id=7, route_code="LAT")
+            answered[resp.payment_id] = time.perf_counter()
+            time.sleep(0.05)
+        time.sleep(1.0)
+        call.cancel()
+        reader.join(5)
+    delays = sorted((arrived[k] - t) * 1000 for k, t in answered.items() if k in arrived)
+    return {"events": len(delays), "of": count, "p50_ms": round(statistics.median(delays), 1),
+            "max_ms": round(delays[-1], 1)}
+
+
 def run(database_url: str, seconds: float, payers: int, rounds: int) -> None:
     tmp = Path(tempfile.mkdtemp())
     proc, target = start_server(database_url, tmp / "server.log")
@@ -127,6 +156,7 @@ def run(database_url: str, seconds: float, payers: int, rounds: int) -> None:
             for m in MEMBERS:
                 admin.adjust(10_000_000, "credit", member_id=m)
         pay_for(target, 2, payers)  # warm up
+        print(json.dumps({"delivery_latency": delivery_latency(target)}), flush=True)
         scenarios = [("0 subscribers", 0, True), ("1 subscriber, own route", 1, True),
                      ("100 subscribers, own route each", 100, True),
                      ("100 subscribers, every event", 100, False)]
