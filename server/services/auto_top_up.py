@@ -225,7 +225,7 @@ def cancel(db: Database, gateway: StripeGateway, once: Once, member_id: int) -> 
 def charge(db: Database, gateway: StripeGateway, member_id: int, amount_cents: int, ref: str, principal: str,
            then: Callable[[Connection, cards.Applied], R],
            on_fail: Callable[[Connection, cards.CardPayment, CardFailed], R], route_code: str = "",
-           route_payload: str = "") -> R:
+           route_payload: str = "", once: Once | None = None) -> R | Replayed:
     """Charge the saved card off-session for amount_cents, credit it as Auto Top Up, and run
     `then` in the same transaction. A declined card (or one that needs authentication) books
     nothing, sets auto top-up FAILED, emits AUTO_TOP_UP_FAILED and runs `on_fail` in that transaction.
@@ -233,7 +233,10 @@ def charge(db: Database, gateway: StripeGateway, member_id: int, amount_cents: i
     card = db.read(lambda conn: card_of(conn, member_id))
     if card is None or card.status != AutoTopUpStatus.ON or not card.payment_method_id:
         raise FailedPrecondition(f"auto top-up is not on for member {member_id}")
-    db.run(lambda conn: cards.start_pending(conn, ref, member_id, cards.AUTO_TOP_UP, amount_cents, principal))
+    pending = db.run(lambda conn: cards.start_pending(conn, ref, member_id, cards.AUTO_TOP_UP, amount_cents,
+                                                     principal, once=once))
+    if isinstance(pending, Replayed):  # the first attempt of this request finished meanwhile
+        return pending
     failure: CardFailed | None = None
     try:
         intent = gateway.charge_saved_card(card.customer_id, card.payment_method_id, amount_cents,

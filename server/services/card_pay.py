@@ -121,7 +121,7 @@ def _pay_after_auto_top_up(db: Database, gateway: StripeGateway, once: Once, cmd
         return outcome
 
     return auto_top_up.charge(db, gateway, cmd.member_id, top_up_cents, once.stripe_key("auto-top-up"),
-                              cmd.principal, then, failed, cmd.route_code, cmd.route_payload)
+                              cmd.principal, then, failed, cmd.route_code, cmd.route_payload, once=once)
 
 
 def _start_card_payment(db: Database, gateway: StripeGateway, once: Once, cmd: PayCommand,
@@ -134,7 +134,9 @@ def _start_card_payment(db: Database, gateway: StripeGateway, once: Once, cmd: P
                            f"({format_cents(MAX_TOP_UP_CENTS)})"))
     ref = once.stripe_key("card-payment")
     pending = db.run(lambda conn: cards.start_pending(conn, ref, cmd.member_id, cards.PAY, card_amount_cents,
-                                                     cmd.principal, cards.pay_command_to_json(cmd)))
+                                                     cmd.principal, cards.pay_command_to_json(cmd), once=once))
+    if isinstance(pending, Replayed):
+        return pending
     card = db.read(lambda conn: auto_top_up.card_of(conn, cmd.member_id))
     intent = gateway.create_payment_intent(card_amount_cents, cards.intent_metadata(ref, cmd.member_id, cards.PAY),
                                            ref, card.customer_id if card else "")
@@ -187,7 +189,7 @@ def transfer_when_short(db: Database, gateway: StripeGateway, once: Once, cmd: T
         return CardFailed(f"auto top-up failed: {failure.reason}; auto top-up is now FAILED")
 
     outcome = auto_top_up.charge(db, gateway, member_id, plan.top_up_cents, once.stripe_key("auto-top-up"),
-                                 cmd.principal, then, failed)
+                                 cmd.principal, then, failed, once=once)
     if isinstance(outcome, Exception):
         raise outcome
     return outcome

@@ -98,9 +98,15 @@ def get(conn: Connection, payment_intent_id: str) -> CardPayment | None:
 
 
 def start_pending(conn: Connection, ref: str, member_id: int, purpose: str, amount_cents: int, principal: str,
-                  pending_request: str | None = None, payment_id: str | None = None) -> CardPayment:
+                  pending_request: str | None = None, payment_id: str | None = None,
+                  once: Once | None = None) -> CardPayment | Replayed:
     """The pending row for a PaymentIntent about to be created with Stripe idempotency key `ref`.
-    A retry with the same key finds the row written by the first attempt."""
+    A retry with the same key finds the row written by the first attempt, or (`once`) the stored
+    response of a first attempt that has finished meanwhile."""
+    if once is not None:
+        stored = once.stored(conn)
+        if stored is not None:
+            return Replayed(stored)
     existing = get(conn, placeholder_id(ref))
     if existing is not None:
         return existing

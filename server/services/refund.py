@@ -130,11 +130,18 @@ def _find_hold(conn: Connection, ref: str) -> _Hold | None:
                  row.stripe_refund_id or "")
 
 
-def _hold(conn: Connection, cmd: RefundCommand, ref: str) -> _Hold:
+def _lock_payment(conn: Connection, payment_intent_id: str) -> None:
+    conn.execute(select(card_payments.c.payment_intent_id)
+                 .where(card_payments.c.payment_intent_id == payment_intent_id).with_for_update())
+
+
+def _hold(conn: Connection, cmd: RefundCommand, ref: str, once: Once) -> _Hold | Replayed:
     # Refunds of one card payment take turns (PostgreSQL row lock; SQLite writers are serial), so a
     # concurrent retry with the same key finds the first one's hold instead of taking the money again.
-    conn.execute(select(card_payments.c.payment_intent_id)
-                 .where(card_payments.c.payment_intent_id == cmd.payment_intent_id).with_for_update())
+    _lock_payment(conn, cmd.payment_intent_id)
+    stored = once.stored(conn)  # a first attempt finished meanwhile (its hold is no longer pending)
+    if stored is not None:
+        return Replayed(stored)
     existing = _find_hold(conn, ref)
     if existing is not None:
         if existing.status == REVERSED:
@@ -173,7 +180,9 @@ def refund(db: Database, gateway: StripeGateway, once: Once, cmd: RefundCommand)
     if stored is not None:
         return Replayed(stored)
     ref = once.stripe_key("refund")
-    hold = db.run(lambda conn: _hold(conn, cmd, ref))
+    hold = db.run(lambda conn: _hold(conn, cmd, ref, once))
+    if isinstance(hold, Replayed):
+        return hold
     stripe_refund_id = ""
     try:
         if hold.card_amount_cents > 0:
@@ -185,6 +194,7 @@ def refund(db: Database, gateway: StripeGateway, once: Once, cmd: RefundCommand)
         raise
 
     def finish(conn: Connection) -> RefundResult | Replayed:
+        _lock_payment(conn, cmd.payment_intent_id)  # in turn with holds: a hold sees this finished or not at all
         again = once.stored(conn)
         if again is not None:
             return Replayed(again)

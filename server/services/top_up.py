@@ -51,7 +51,10 @@ def start(db: Database, gateway: StripeGateway, once: Once, member_id: int, amou
     balance, _ = db.read(lambda conn: auto_top_up.balance_and_low_limit(conn, member_id))
     check_amount(amount_cents, balance)
     ref = once.stripe_key("top-up")
-    db.run(lambda conn: cards.start_pending(conn, ref, member_id, cards.MANUAL_TOP_UP, amount_cents, principal))
+    pending = db.run(lambda conn: cards.start_pending(conn, ref, member_id, cards.MANUAL_TOP_UP, amount_cents,
+                                                     principal, once=once))
+    if isinstance(pending, Replayed):
+        return pending
     card = db.read(lambda conn: auto_top_up.card_of(conn, member_id))
     intent = gateway.create_payment_intent(amount_cents, cards.intent_metadata(ref, member_id, cards.MANUAL_TOP_UP),
                                            ref, card.customer_id if card else "")
