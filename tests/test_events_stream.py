@@ -383,3 +383,25 @@ def stored_events(server, after: int):  # noqa: ANN001, ANN201
 
     with server.db.engine.connect() as conn:
         return store.read_range(conn, after, 1 << 62, limit=10_000)
+
+
+def test_streams_end_with_unavailable_when_the_server_stops(tmp_path):
+    srv = start_server(f"sqlite:///{tmp_path / 'stop.db'}", "sqlite")
+    stopped = False
+    try:
+        with srv.client("app") as app, srv.client("admin") as admin:
+            admin.adjust(100, "credit", member_id=1)
+            stream = Collector(app, pb.SubscribeRequest())
+            assert len(stream.wait_for(1)) == 1
+            wait_live(srv, 1)
+            started = time.monotonic()
+            srv.stop()
+            stopped = True
+            err = stream.wait_error()
+            assert err.code() == grpc.StatusCode.UNAVAILABLE
+            assert f"after_sequence={stream.events[0].sequence}" in err.details()
+            assert time.monotonic() - started < 5  # not held until the grace period runs out
+    finally:
+        if not stopped:
+            srv.stop()
+        record_backend("sqlite")

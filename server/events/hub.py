@@ -88,9 +88,9 @@ class EventHub:
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="events-reader")
         self._wakeups: PgWakeups | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._wake: asyncio.Event | None = None
+        self._wake = asyncio.Event()  # bound to the running loop at first use
         self._wake_pending = False
-        self._ready: asyncio.Event | None = None
+        self._ready = asyncio.Event()  # set once the reader has a horizon
         self._tasks: list[asyncio.Task] = []
         self._stopping = False
 
@@ -102,8 +102,6 @@ class EventHub:
     # ---- lifecycle
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._wake = asyncio.Event()
-        self._ready = asyncio.Event()
         self.db.after_events_committed.append(self._on_local_commit)
         if not self.db.is_sqlite:
             self._wakeups = PgWakeups(self.db.engine, self._wake_threadsafe)
@@ -123,6 +121,7 @@ class EventHub:
         for sub in list(self._live):  # end open streams now rather than at the grace deadline
             sub.fell_behind = True
             sub.signal.set()
+        self._ready.set()  # streams still waiting for the first horizon end too
         if self._wakeups is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._wakeups.stop)
         self._reader.shutdown(wait=False, cancel_futures=True)
@@ -235,6 +234,8 @@ class EventHub:
         last_sent = max(after_sequence, 0)
         try:
             await self._ready.wait()
+            if self._stopping or self.published is None:
+                raise Unavailable("the server is shutting down; subscribe again")
             cursor = self.published if after_sequence < 0 else after_sequence
             last_sent = cursor
             while not self._stopping:
