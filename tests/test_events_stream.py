@@ -405,3 +405,39 @@ def test_streams_end_with_unavailable_when_the_server_stops(tmp_path):
         if not stopped:
             srv.stop()
         record_backend("sqlite")
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def test_paging_and_a_small_ring_keep_order_and_filters(backend, tmp_path, request):  # noqa: ANN001
+    """Tiny pages, reader batches and ring: catching up crosses pages, the ring and the live hand-off."""
+    url = f"sqlite:///{tmp_path / 'pages.db'}" if backend == "sqlite" else request.getfixturevalue("postgres_url")
+    srv = start_server(url, backend, extra={"event_replay_page": 3, "event_read_batch": 4, "event_ring_events": 5})
+    try:
+        with srv.client("app") as app:
+            base = newest(srv)
+            keep = Collector(app, pb.SubscribeRequest(after_sequence=base))  # live from the start
+            wait_live(srv, 1)
+
+            def burst(start: int):  # noqa: ANN202
+                def write(conn):  # noqa: ANN001, ANN202
+                    emit(conn, *[NewEvent(EventKind.ADJUSTED, member_id=1, amount_cents=start + i,
+                                          route_code="A" if (start + i) % 3 else "B") for i in range(7)])
+                return write
+
+            for start in range(0, 35, 7):
+                srv.db.run(burst(start))
+            wanted = [s for s in outbox_sequences(srv) if s > base]
+            assert [e.sequence for e in keep.wait_for(35)] == wanted
+            # joiners after the fact: from the table (pages of 3), from the ring, and filtered
+            assert [e.amount_cents for e in Collector(app, pb.SubscribeRequest(after_sequence=base)).wait_for(35)] \
+                == list(range(35))
+            assert [e.amount_cents for e in Collector(app, pb.SubscribeRequest(after_sequence=wanted[-3]))
+                    .wait_for(2)] == [33, 34]
+            b_only = Collector(app, pb.SubscribeRequest(after_sequence=base, route_codes=["B"])).wait_for(12)
+            assert [e.amount_cents for e in b_only] == [n for n in range(35) if n % 3 == 0]
+            srv.db.run(burst(35))
+            assert [e.amount_cents for e in keep.wait_for(42)][35:] == list(range(35, 42))
+            keep.close()
+    finally:
+        srv.stop()
+        record_backend(backend)
