@@ -40,7 +40,7 @@ def check_invariants(db: Database, *, negative_allowed: set[int] = frozenset()) 
         rows = conn.execute(select(accounts.c.id, accounts.c.kind, accounts.c.balance_cents)).all()
         posting_rows = conn.execute(
             select(postings.c.transaction_id, postings.c.account_id, postings.c.amount_cents,
-                   postings.c.balance_after_cents).order_by(postings.c.id)
+                   postings.c.balance_after_cents).order_by(postings.c.created_at, postings.c.id)  # statement order
         ).all()
     assert sum(r.balance_cents for r in rows) == 0, "the sum of all balances is zero"
     by_txn: dict[int, int] = defaultdict(int)
