@@ -40,7 +40,9 @@ def rpc(proc: ServerProcess, method: str, request, token: str | None, request_id
         md.append(("authorization", f"Bearer {token}"))
     with grpc.insecure_channel(proc.target) as channel:
         try:
-            getattr(pb_grpc.PaymentsServiceStub(channel), method)(request, metadata=md, timeout=30)
+            result = getattr(pb_grpc.PaymentsServiceStub(channel), method)(request, metadata=md, timeout=30)
+            if method == "ExportStatement":
+                list(result)  # a stream: read it to the end
             return grpc.StatusCode.OK
         except grpc.RpcError as err:
             return err.code()
@@ -69,6 +71,9 @@ def test_one_json_line_per_call_and_never_a_token(proc):
                               amount_cents=1_000_000), APP_TOKEN, "shop", "FAILED_PRECONDITION"),
         ("GetBalance", pb.GetBalanceRequest(account=pb.AccountRef(member_id=1)), BRIDGE_TOKEN, "bridge",
          "PERMISSION_DENIED"),
+        ("ExportStatement", pb.ExportStatementRequest(account=pb.AccountRef(member_id=1)), APP_TOKEN, "shop", "OK"),
+        ("ExportStatement", pb.ExportStatementRequest(account=pb.AccountRef(organisation_id=404)), APP_TOKEN, "shop",
+         "NOT_FOUND"),
     ]
     ids = []
     for method, request, token, _, status in calls:

@@ -3,6 +3,9 @@ server reflection (no proto files), and stopped with SIGTERM."""
 
 from __future__ import annotations
 
+import base64
+import csv
+import io
 import json
 import os
 import sqlite3
@@ -10,7 +13,9 @@ import subprocess
 import threading
 import time
 import uuid
+from datetime import datetime
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import grpc
 import pytest
@@ -40,7 +45,8 @@ def buf() -> Path:
 
 @pytest.fixture(scope="module")
 def proc(tmp_path_factory):  # noqa: ANN001, ANN201
-    srv = ServerProcess(tmp_path_factory.mktemp("e2e") / "payments.db", SPEC).start()
+    # a zone without summer time, far from Sydney's offset: the CSV must follow the setting
+    srv = ServerProcess(tmp_path_factory.mktemp("e2e") / "payments.db", SPEC, PAYMENTS_TIMEZONE="Asia/Kolkata").start()
     yield srv
     assert srv.stop() == 0
 
@@ -93,6 +99,15 @@ def test_pay_and_balance_with_buf_curl(buf, proc):
     assert (club["balanceCents"], club["name"]) == ("1250", "E2E Club")
     statement = ok(curl(buf, proc, method="GetStatement", token=APP_TOKEN, body={"account": {"memberId": 1}}))
     assert [line["typeName"] for line in statement["lines"]] == ["Entry to an event", "Manual Adjustment"]
+
+    export = curl(buf, proc, method="ExportStatement", token=APP_TOKEN, body={"account": {"memberId": 1}})
+    assert export.returncode == 0, export.stderr
+    chunks = json.loads("[" + export.stdout.replace("}\n{", "},{") + "]")
+    rows = list(csv.reader(io.StringIO(b"".join(base64.b64decode(c["data"]) for c in chunks).decode())))
+    assert rows[0] == ["Date", "Counterparty", "Reference", "Type", "Description", "Amount", "Balance"]
+    assert [r[5] for r in rows[1:]] == ["-12.50", "50.00"]
+    line_time = datetime.fromisoformat(statement["lines"][0]["time"].replace("Z", "+00:00"))
+    assert rows[1][0] == line_time.astimezone(ZoneInfo("Asia/Kolkata")).strftime("%Y-%m-%d %H:%M:%S")
 
 
 @pytest.mark.parametrize(("method", "body", "token", "code"), [
