@@ -50,7 +50,7 @@ class HubLimits:
     replay_page: int = 500           # events per catch-up query of one stream
     max_subscribers: int = 2_000     # open streams per server process
     poll_interval_s: float = 1.0     # fallback when no wake-up comes
-    step_interval_s: float = 0.01    # between probes while writers are in flight
+    step_interval_s: float = 0.02    # between probes while writers are in flight (bounds the reader to 50/s)
     prune_interval_s: float = 3_600.0
     prune_first_after_s: float = 30.0
 
