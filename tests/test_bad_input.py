@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 import grpc
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 from ledger_invariants import bad_fields, check_invariants, snapshot
 
 from cobalt.payments.v1 import payments_pb2 as pb
@@ -174,6 +175,10 @@ CASES = [
     Case("statement-page-size-large", "GetStatement", lambda: statement(page_size=501), INVALID, "page_size"),
     Case("statement-bad-token", "GetStatement", lambda: statement(page_token="not-a-token"), INVALID, "page_token"),
     Case("statement-empty-range", "GetStatement", lambda: ranged(statement(), NOW, NOW), INVALID, "to"),
+    Case("statement-from-after-9999", "GetStatement",
+         lambda: statement(**{"from": Timestamp(seconds=253_402_300_800)}), INVALID, "from"),
+    Case("statement-to-bad-nanos", "GetStatement", lambda: statement(to=Timestamp(nanos=2_000_000_000)), INVALID,
+         "to"),
     Case("statement-unknown-org", "GetStatement", lambda: statement(account=org(404)), grpc.StatusCode.NOT_FOUND),
     Case("export-unknown-org", "ExportStatement", lambda: pb.ExportStatementRequest(account=org(404)),
          grpc.StatusCode.NOT_FOUND),

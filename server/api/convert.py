@@ -70,7 +70,10 @@ def timestamp(value: datetime | None) -> Timestamp | None:
 def optional_time(msg, field: str) -> datetime | None:  # noqa: ANN001
     if not msg.HasField(field):
         return None
-    return getattr(msg, field).ToDatetime(tzinfo=UTC)
+    try:
+        return getattr(msg, field).ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError) as exc:
+        raise InvalidArgument.field(field, "is not a valid timestamp (years 0001 to 9999)") from exc
 
 
 def zero_to_none(value: int) -> int | None:
