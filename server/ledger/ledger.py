@@ -12,7 +12,7 @@ import secrets
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import Connection, bindparam, insert, select, update
+from sqlalchemy import Connection, bindparam, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from server.domain.errors import InsufficientFunds, NotFound
@@ -90,26 +90,37 @@ def ensure_account(conn: Connection, acct_id: int, name: str = "") -> None:
 
 
 # Built once: the hot path binds values into these instead of building a statement per call.
-_APPLY = (
-    update(accounts)
-    .where(accounts.c.id == bindparam("leg_account_id"))
-    .values(balance_cents=accounts.c.balance_cents + bindparam("leg_amount_cents"),
-            last_movement_at=bindparam("leg_at"))
-    .returning(accounts.c.balance_cents)
-)
-_APPLY_CHECKED = _APPLY.where(accounts.c.balance_cents >= bindparam("leg_needed_cents"))
+# On PostgreSQL the UPDATE also returns the database clock read after the row lock was taken:
+# postings are stamped with it, so a statement's order is the lock order on one clock, whichever
+# server process booked them.
+def _apply_statements(timed: bool):  # noqa: ANN202
+    returning = [accounts.c.balance_cents] + ([func.clock_timestamp()] if timed else [])
+    plain = (
+        update(accounts)
+        .where(accounts.c.id == bindparam("leg_account_id"))
+        .values(balance_cents=accounts.c.balance_cents + bindparam("leg_amount_cents"),
+                last_movement_at=bindparam("leg_at"))
+        .returning(*returning)
+    )
+    return plain, plain.where(accounts.c.balance_cents >= bindparam("leg_needed_cents"))
+
+
+_APPLY, _APPLY_CHECKED = _apply_statements(timed=False)
+_APPLY_PG, _APPLY_CHECKED_PG = _apply_statements(timed=True)
 _BALANCE_OF = select(accounts.c.balance_cents).where(accounts.c.id == bindparam("leg_account_id"))
 
 
-def _apply_leg(conn: Connection, leg: Leg) -> int:
+def _apply_leg(conn: Connection, leg: Leg) -> tuple[int, datetime | None]:
+    """Apply one leg under its row lock: (balance after, database time after the lock or None)."""
     params = {"leg_account_id": leg.account_id, "leg_amount_cents": leg.amount_cents, "leg_at": utcnow()}
-    stmt = _APPLY
+    pg = conn.dialect.name == "postgresql"
+    stmt = _APPLY_PG if pg else _APPLY
     if leg.must_stay_non_negative and leg.amount_cents < 0:
-        stmt = _APPLY_CHECKED
+        stmt = _APPLY_CHECKED_PG if pg else _APPLY_CHECKED
         params["leg_needed_cents"] = -leg.amount_cents
     row = conn.execute(stmt, params).first()
     if row is not None:
-        return row[0]
+        return row[0], (row[1] if pg else None)
     balance = conn.execute(_BALANCE_OF, {"leg_account_id": leg.account_id}).scalar()
     if balance is not None:  # the row exists: the funds check refused it
         raise InsufficientFunds(balance, -leg.amount_cents)
@@ -119,7 +130,8 @@ def _apply_leg(conn: Connection, leg: Leg) -> int:
     if leg.must_stay_non_negative and leg.amount_cents < 0:
         raise InsufficientFunds(0, -leg.amount_cents)
     ensure_account(conn, leg.account_id)
-    return conn.execute(stmt, params).scalar_one()
+    row = conn.execute(stmt, params).one()
+    return row[0], (row[1] if pg else None)
 
 
 def _can_be_late(leg: Leg) -> bool:
@@ -142,8 +154,11 @@ def book(conn: Connection, txn: NewTransaction) -> Booked:
         while n_early > 1 and _can_be_late(ordered[n_early - 1][1]):
             n_early -= 1
     early, late = ordered[:n_early], ordered[n_early:]
-    balances = {leg.account_id: _apply_leg(conn, leg) for _, leg in early}
-    now = utcnow()
+    balances: dict[int, int] = {}
+    locked_at: datetime | None = None
+    for _, leg in early:
+        balances[leg.account_id], locked_at = _apply_leg(conn, leg)
+    now = locked_at or utcnow()  # after the last lock: the database's clock, or ours on SQLite
     reference = new_reference(txn.type)
     txn_id = conn.execute(
         _INSERT_TRANSACTION,
@@ -166,8 +181,12 @@ def book(conn: Connection, txn: NewTransaction) -> Booked:
 
     def apply_late(c: Connection) -> None:
         # lock, then take the time, exactly as above: a statement's order stays the lock order
+        if c.dialect.name == "postgresql":
+            _apply_late_pg(c, txn, txn_id, reference, early, late, balances)
+            return
         late_balances = dict(balances)
-        late_balances.update({leg.account_id: _apply_leg(c, leg) for _, leg in late})
+        for _, leg in late:
+            late_balances[leg.account_id], _ = _apply_leg(c, leg)
         _insert_postings(c, txn, txn_id, reference, ordered, late_balances, utcnow())
 
     if not defer_until_commit(conn, apply_late):
@@ -200,6 +219,60 @@ def _insert_postings(conn: Connection, txn: NewTransaction, txn_id: int, referen
                      ordered: list[tuple[int, Leg]], balances: dict[int, int], at: datetime) -> None:
     rows = [_posting_row(txn, txn_id, reference, index, leg, balances[leg.account_id], at) for index, leg in ordered]
     conn.execute(insert(postings), rows)
+
+
+_POSTING_COLUMNS = ("transaction_id", "account_id", "amount_cents", "balance_after_cents", "counterparty_account_id",
+                    "reference", "type", "description", "payment_id", "event_id", "session_id", "created_at")
+_POSTING_CASTS = ("bigint", "bigint", "bigint", "bigint", "bigint", "varchar", "varchar", "varchar", "varchar",
+                  "bigint", "bigint", "timestamptz")
+_LATE_SQL_CACHE: dict[tuple[int, int], str] = {}
+
+
+def _late_sql(n_early: int, n_late: int) -> str:
+    """One statement: credit each late account (row lock), read the database clock after the
+    locks, and insert every posting of the transaction stamped with it."""
+    key = (n_early, n_late)
+    sql = _LATE_SQL_CACHE.get(key)
+    if sql is not None:
+        return sql
+    ctes = [
+        f"c{n} AS (UPDATE accounts SET balance_cents = balance_cents + %(c{n}_amount_cents)s, "
+        f"last_movement_at = %(at)s WHERE id = %(c{n}_account_id)s RETURNING balance_cents)"
+        for n in range(n_late)
+    ]
+    # materialised after every late UPDATE (it reads their rows), so after every lock
+    ctes.append(f"t AS MATERIALIZED (SELECT clock_timestamp() AS at FROM {', '.join(f'c{n}' for n in range(n_late))})")
+    selects = []
+    for prefix, count in (("c", n_late), ("e", n_early)):
+        for n in range(count):
+            cols = []
+            for col, cast in zip(_POSTING_COLUMNS, _POSTING_CASTS, strict=True):
+                if col == "created_at":
+                    cols.append("t.at")
+                elif col == "balance_after_cents" and prefix == "c":
+                    cols.append(f"c{n}.balance_cents")
+                else:
+                    cols.append(f"CAST(%({prefix}{n}_{col})s AS {cast})")
+            source = f"c{n}, t" if prefix == "c" else "t"  # nothing at all without every late credit
+            selects.append(f"SELECT {', '.join(cols)} FROM {source}")
+    sql = (f"WITH {', '.join(ctes)} INSERT INTO postings ({', '.join(_POSTING_COLUMNS)}) "
+           f"{' UNION ALL '.join(selects)} RETURNING account_id")
+    _LATE_SQL_CACHE[key] = sql
+    return sql
+
+
+def _apply_late_pg(conn: Connection, txn: NewTransaction, txn_id: int, reference: str,
+                   early: list[tuple[int, Leg]], late: list[tuple[int, Leg]], balances: dict[int, int]) -> None:
+    params: dict = {"at": utcnow()}
+    for prefix, legs in (("c", late), ("e", early)):
+        for n, (index, leg) in enumerate(legs):
+            row = _posting_row(txn, txn_id, reference, index, leg, balances.get(leg.account_id, 0), params["at"])
+            for col in _POSTING_COLUMNS:
+                params[f"{prefix}{n}_{col}"] = row[col]
+    written = {r[0] for r in conn.exec_driver_sql(_late_sql(len(early), len(late)), params)}
+    for _, leg in late:
+        if leg.account_id not in written:  # no such organisation: the whole transaction rolls back
+            raise NotFound(f"organisation {split_account_id(leg.account_id)[1]} is not registered")
 
 
 def balance_of(conn: Connection, acct_id: int) -> int | None:
