@@ -132,6 +132,12 @@ def test_other_events_are_acknowledged(cards: CardStack) -> None:
     status, answer = post_signed(cards.bridge.webhook_url, "payment_intent.succeeded",
                                  {"id": "pi_notours", "object": "payment_intent", "amount": 100, "metadata": {}})
     assert status == 200 and answer["message"] == "acknowledged"
+    # an intent that carries our metadata but a key this database never issued (another deployment
+    # sharing the Stripe account) is not credited
+    status, answer = post_signed(cards.bridge.webhook_url, "payment_intent.succeeded", {
+        "id": "pi_elsewhere", "object": "payment_intent", "amount": 100_00, "status": "succeeded",
+        "metadata": {"cobalt_ref": "cobalt-" + "0" * 40, "member_id": "1", "purpose": "manual_top_up"}})
+    assert status == 200 and answer["message"] == "acknowledged"
     assert cards.posting_count() == 0
 
 

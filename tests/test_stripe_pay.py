@@ -275,3 +275,51 @@ def test_card_payment_needing_3d_secure_books_only_after_authentication(cards: C
     assert cards.confirm_card_payment(resp.payment_intent_id).applied_now is True
     assert cards.app.balance_cents(organisation_id=7) == 45_00
     assert [e.route_code for e in cards.outbox("PAYMENT_SUCCEEDED")] == ["UPP"]
+
+
+def test_concurrent_retries_of_a_pay_with_auto_top_up_book_it_once_and_lose_no_card_money(
+        cards_any: CardStack) -> None:
+    """The same Pay (one idempotency key) sent three times at once. localstripe ignores idempotency
+    keys, so each attempt may charge the card: the Pay is booked once, every charge is credited once."""
+    import threading
+
+    cards = cards_any
+    cards.admin.upsert_organisation(7, "Bridge Club")
+    cards.admin.adjust(30_00, "opening credit", member_id=17)
+    setup = cards.auto_top_up_on(17, amount_cents=50_00)
+    assert setup.status == ON
+    responses: list = []
+    key = new_idempotency_key()
+
+    def pay() -> None:
+        try:
+            responses.append(cards.app.pay(17, 120_00, organisation_id=7, idempotency_key=key))
+        except grpc.RpcError as err:
+            responses.append(f"{err.code().name}: {err.details()}")
+
+    threads = [threading.Thread(target=pay) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    # whichever attempt committed first answers for all (one may have found the others' top-ups
+    # already credited and paid from the balance)
+    assert len(responses) == 3 and all(r == responses[0] for r in responses), responses
+    assert responses[0].status == pb.SUCCEEDED
+    assert cards.app.balance_cents(organisation_id=7) == 120_00  # the Pay, once
+
+    with cards.server.db.engine.connect() as conn:
+        from sqlalchemy import select
+
+        from server.ledger.schema import member_cards
+        customer = conn.execute(select(member_cards.c.stripe_customer_id)
+                                .where(member_cards.c.member_id == 17)).scalar()
+    charged = [pi.amount for pi in cards.stripe.v1.payment_intents.list(params={"limit": 100}).data
+               if pi.customer == customer and pi.status == "succeeded"]
+    assert charged and all(amount == 150_00 for amount in charged)
+    wait_until(lambda: sum(e.amount_cents for e in cards.outbox("TOP_UP_SUCCEEDED")) == sum(charged),
+               what="every card charge to be credited (some only by their webhook)")
+    credited = [e.amount_cents for e in cards.outbox("TOP_UP_SUCCEEDED")]
+    assert sorted(credited) == sorted(charged)
+    assert cards.app.balance_cents(member_id=17) == 30_00 + sum(charged) - 120_00
+    cards.assert_invariants()

@@ -10,6 +10,7 @@ caller's transaction; none calls Stripe.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Callable
@@ -47,6 +48,12 @@ MAX_REASON_CHARS = 200
 
 def placeholder_id(ref: str) -> str:
     return f"pending_{ref}"
+
+
+def ref_payment_id(ref: str) -> str:
+    """The payment id of the card payment made under Stripe key `ref`: derived from it, so it is the
+    same for every retry, and it stays findable after the row takes its PaymentIntent's id."""
+    return "pay_" + hashlib.sha256(ref.encode()).hexdigest()[:20]
 
 
 @dataclass(frozen=True)
@@ -113,7 +120,7 @@ def start_pending(conn: Connection, ref: str, member_id: int, purpose: str, amou
     # insert-or-nothing: a concurrent retry with the same key may have written it first
     conn.execute(_insert_ignore(conn)(card_payments).on_conflict_do_nothing(index_elements=["payment_intent_id"]).values(
         payment_intent_id=placeholder_id(ref), member_id=member_id, purpose=purpose, amount_cents=amount_cents,
-        status=PENDING, payment_id=payment_id or new_payment_id(), pending_request=pending_request,
+        status=PENDING, payment_id=payment_id or ref_payment_id(ref), pending_request=pending_request,
         principal=principal, created_at=utcnow()))
     found = get(conn, placeholder_id(ref))
     assert found is not None
@@ -135,9 +142,32 @@ def bind_intent(conn: Connection, ref: str, payment_intent_id: str) -> CardPayme
     return get(conn, payment_intent_id)
 
 
-def find_for_intent(conn: Connection, payment_intent_id: str, metadata: dict[str, str]) -> CardPayment | None:
+def adopt(conn: Connection, payment_intent_id: str, metadata: dict[str, str], amount_cents: int) -> CardPayment | None:
+    """A top-up PaymentIntent of ours (its metadata says so) that has no row: a second one made for
+    one key by a Stripe that ignored the idempotency key (Stripe itself returns the first). Its money
+    is real, so it gets a row and is credited like any top-up: card money is never lost."""
+    ref, purpose, member = metadata.get("cobalt_ref", ""), metadata.get("purpose", ""), metadata.get("member_id", "")
+    if not ref or purpose not in (MANUAL_TOP_UP, AUTO_TOP_UP) or not member.isdigit():
+        return None
+    # only a key this database issued for this member: another deployment sharing the Stripe
+    # account sends us its events too, and they are not ours to credit
+    issued = conn.execute(select(card_payments.c.payment_intent_id).where(
+        card_payments.c.member_id == int(member), card_payments.c.payment_id == ref_payment_id(ref),
+        card_payments.c.purpose == purpose)).first()
+    if issued is None:
+        return None
+    log.warning("card payment %s: adopting a PaymentIntent made twice for one key", payment_intent_id)
+    conn.execute(_insert_ignore(conn)(card_payments).on_conflict_do_nothing(index_elements=["payment_intent_id"]).values(
+        payment_intent_id=payment_intent_id, member_id=int(member), purpose=purpose, amount_cents=amount_cents,
+        status=PENDING, payment_id=new_payment_id(), principal="stripe", created_at=utcnow()))
+    return get(conn, payment_intent_id)
+
+
+def find_for_intent(conn: Connection, payment_intent_id: str, metadata: dict[str, str],
+                    amount_cents: int) -> CardPayment | None:
     """Our row for a PaymentIntent: by its id, else by the key it carries in its metadata."""
-    return bind_intent(conn, metadata.get("cobalt_ref", ""), payment_intent_id)
+    return (bind_intent(conn, metadata.get("cobalt_ref", ""), payment_intent_id)
+            or adopt(conn, payment_intent_id, metadata, amount_cents))
 
 
 def intent_metadata(ref: str, member_id: int, purpose: str) -> dict[str, str]:

@@ -76,7 +76,10 @@ def handle(db: Database, gateway: StripeGateway, event_id: str, event_type: str,
         _remember(conn, event_id, event_type)
         if event_type in ("payment_intent.succeeded", "payment_intent.payment_failed"):
             intent = intent_from_event(obj)
-            row = cards.find_for_intent(conn, intent.id, intent.metadata)
+            if event_type == "payment_intent.succeeded":
+                row = cards.find_for_intent(conn, intent.id, intent.metadata, intent.amount_cents)
+            else:  # a failure of an intent we hold no row for changes nothing
+                row = cards.bind_intent(conn, intent.metadata.get("cobalt_ref", ""), intent.id)
             if row is None:
                 log.warning("stripe event %s: payment intent %s is not ours", event_id, intent.id)
                 return EventOutcome(False, False)

@@ -83,7 +83,7 @@ def confirm_card_payment(db: Database, gateway: StripeGateway, payment_intent_id
     intent = gateway.retrieve_payment_intent(payment_intent_id)
 
     def apply(conn: Connection) -> CardPaymentState:
-        row = cards.find_for_intent(conn, intent.id, intent.metadata)
+        row = cards.find_for_intent(conn, intent.id, intent.metadata, intent.amount_cents)
         assert row is not None
         if intent.succeeded:
             applied = cards.apply_success(conn, row, intent.amount_cents)
