@@ -28,6 +28,9 @@ class NewEvent:
     session_id: int = 0
 
 
+_INSERT_EVENT = insert(outbox_events)
+
+
 def emit(conn: Connection, *events: NewEvent) -> None:
     """Write events in the caller's transaction. Nothing is written if it rolls back.
 
@@ -42,5 +45,6 @@ def emit(conn: Connection, *events: NewEvent) -> None:
         row["kind"] = ev.kind.value
         row["created_at"] = now
         rows.append(row)
-    conn.execute(insert(outbox_events), rows)
+    # one row (the usual case) as a plain INSERT: the executemany path costs more for one row
+    conn.execute(_INSERT_EVENT, rows[0] if len(rows) == 1 else rows)
     conn.info[EVENTS_WRITTEN] = conn.info.get(EVENTS_WRITTEN, 0) + len(rows)
