@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import secrets
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -23,7 +24,7 @@ from server.services import auto_top_up, card_pay, cards, refund, stripe_events,
 from server.services.cards import Once, Replayed
 from server.services.pay import PayCommand
 from server.services.transfer import TransferCommand
-from server.stripe_gateway import StripeGateway
+from server.stripe_gateway import StripeGateway, stripe_key
 
 log = logging.getLogger("payments.cards")
 
@@ -115,7 +116,7 @@ class CardsApi(ApiBase):
         if not self.gateway.configured:
             return
         principal = self.principal().name
-        ref = cards.stripe_key("low-balance", member_id, cards.new_payment_id())
+        ref = stripe_key("low-balance", member_id, secrets.token_hex(10))  # a fresh top-up each time
         try:
             await self.in_context(lambda: auto_top_up.top_up_if_low(self.db, self.gateway, member_id, principal, ref))
         except DomainError as exc:
