@@ -8,6 +8,7 @@ import uuid
 
 import grpc
 import pytest
+from conftest import record_backend
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from server_process import ServerProcess
@@ -25,6 +26,14 @@ WRONG_TOKEN = "wrong-" + uuid.uuid4().hex
 HASHED_TOKEN = "hashed-" + uuid.uuid4().hex
 SPEC = (f"{APP_TOKEN}=shop:app,{ADMIN_TOKEN}=ops:admin,{BRIDGE_TOKEN}=bridge:stripe-bridge,"
         f"sha256:{digest(HASHED_TOKEN)}=hashed-svc:app")
+
+
+@pytest.fixture(autouse=True)
+def _count_on_sqlite(request):  # noqa: ANN001, ANN202
+    """Tests that call the SQLite-backed server process count in the per-database summary."""
+    yield
+    if "proc" in request.fixturenames:
+        record_backend("sqlite")
 
 
 @pytest.fixture(scope="module")

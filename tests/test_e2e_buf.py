@@ -19,6 +19,7 @@ from zoneinfo import ZoneInfo
 
 import grpc
 import pytest
+from conftest import record_backend
 from server_process import ServerProcess
 
 from cobalt.payments.v1 import payments_pb2 as pb
@@ -41,6 +42,14 @@ def buf() -> Path:
             pytest.fail(message)
         pytest.skip(message)
     return BUF
+
+
+@pytest.fixture(autouse=True)
+def _count_on_sqlite(request):  # noqa: ANN001, ANN202
+    """Tests that call the SQLite-backed server process count in the per-database summary."""
+    yield
+    if "proc" in request.fixturenames:
+        record_backend("sqlite")
 
 
 @pytest.fixture(scope="module")
@@ -167,6 +176,7 @@ def test_sigterm_lets_an_in_flight_call_finish_then_exits_zero(tmp_path):
         events = [r.get("event") for r in srv.records()]
         assert events[-1] == "stopped"
         assert "Traceback" not in srv.stderr
+        record_backend("sqlite")
     finally:
         if srv.proc is not None and srv.proc.poll() is None:
             srv.stop()
