@@ -43,8 +43,10 @@ def server_command() -> list[str]:
 class ServerProcess:
     """`payments-server` as its own process, so the load does not share its interpreter lock."""
 
-    def __init__(self, database_url: str, *, env: dict[str, str] | None = None, name: str = "server"):
+    def __init__(self, database_url: str, *, env: dict[str, str] | None = None, name: str = "server",
+                 source_dir: str | None = None):
         self.database_url = database_url
+        self.source_dir = source_dir  # run `python -m server` from this checkout instead (A/B of versions)
         self.extra_env = env or {}
         self.name = name
         self.port = 0
@@ -66,7 +68,8 @@ class ServerProcess:
         })
         log = open(self.log_path, "wb")  # noqa: SIM115
         # the per-call log lines go to stdout: discard them, keep errors for the report
-        self.proc = subprocess.Popen(server_command(), env=env, stdout=subprocess.DEVNULL, stderr=log)
+        command = [sys.executable, "-m", "server"] if self.source_dir else server_command()
+        self.proc = subprocess.Popen(command, env=env, cwd=self.source_dir, stdout=subprocess.DEVNULL, stderr=log)
         log.close()
         deadline = time.monotonic() + timeout_s
         with grpc.insecure_channel(self.target) as channel:
