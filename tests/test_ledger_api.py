@@ -304,15 +304,15 @@ def test_padded_text_is_stored_trimmed(server, admin, app):
     assert event.route_code == "EVT-ROUTE-CODE16"
 
 
-def test_a_slow_export_does_not_hold_up_payments(server, admin, app):
-    """A statement export being read slowly keeps its read snapshot, but never blocks a Pay."""
+def long_history(server, admin, lines: int = 6_000) -> None:  # noqa: ANN001
+    """Member 1 with $100.00 and a long statement, written directly to keep the test quick."""
     from server.domain.types import SystemAccount, system_account
     from server.ledger.db import utcnow
 
     admin.upsert_organisation(7, "Club")
     admin.adjust(10_000, "opening", member_id=1)
     member, counter = member_account(1), system_account(SystemAccount.ADJUSTMENTS)
-    with server.db.engine.begin() as conn:  # a long history, written directly to keep the test quick
+    with server.db.engine.begin() as conn:
         txn_id = conn.execute(transactions.insert().values(
             reference="TST-LONG-HIST", type="MISCELLANEOUS", description="history", principal="test",
             created_at=utcnow()).returning(transactions.c.id)).scalar_one()
@@ -320,7 +320,12 @@ def test_a_slow_export_does_not_hold_up_payments(server, admin, app):
             {"transaction_id": txn_id, "account_id": member, "amount_cents": 0, "balance_after_cents": 10_000,
              "counterparty_account_id": counter, "reference": f"TST-LONG-HIST-{i}", "type": "MISCELLANEOUS",
              "description": "an old line of a long statement", "created_at": utcnow()}
-            for i in range(6_000)])
+            for i in range(lines)])
+
+
+def test_a_slow_export_does_not_hold_up_payments(server, admin, app):
+    """A statement export being read slowly keeps its read snapshot, but never blocks a Pay."""
+    long_history(server, admin)
     # no BDP probing: the receive window stays small, so the server cannot run ahead of a slow reader
     slow_reader = PaymentsClient(server.target, TOKENS["app"],
                                  channel=grpc.insecure_channel(server.target, options=[("grpc.http2.bdp_probe", 0)]))
@@ -335,3 +340,22 @@ def test_a_slow_export_does_not_hold_up_payments(server, admin, app):
     lines = (first.data + rest).decode().splitlines()
     assert len(lines) == 1 + 6_000 + 1, "the export is the snapshot taken when it started"
     slow_reader.close()
+
+
+def test_cancelled_exports_give_their_connection_back(server, admin):
+    import time
+
+    long_history(server, admin)
+    pool = server.db.engine.pool
+    with grpc.insecure_channel(server.target, options=[("grpc.http2.bdp_probe", 0)]) as channel:
+        reader = PaymentsClient(server.target, TOKENS["app"], channel=channel)
+        for _ in range(8):
+            chunks = reader.stream("ExportStatement", pb.ExportStatementRequest(account=pb.AccountRef(member_id=1)), 60)
+            next(chunks)
+            chunks.cancel()
+    deadline = time.monotonic() + 10
+    while pool.checkedout() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert pool.checkedout() == 0, "every cancelled export closed its database connection"
+    with server.client("app") as app:
+        assert app.pay(1, 100, organisation_id=7).balance_cents == 9_900
