@@ -197,3 +197,30 @@ def test_webhooks_and_confirmations_racing_credit_once(cards_any: CardStack) -> 
     assert cards.app.balance_cents(member_id=5) == 90_00
     assert [e.amount_cents for e in cards.outbox("TOP_UP_SUCCEEDED")] == [90_00]
     cards.assert_invariants()
+
+
+def test_charge_refunded_is_recorded_and_moves_no_money(cards: CardStack) -> None:
+    pi = cards.top_up_now(6, 100_00)
+    before = cards.balances()
+    charge = {"id": "ch_x", "object": "charge", "payment_intent": pi, "amount": 100_00, "amount_refunded": 0}
+    event_id = "evt_" + secrets.token_hex(8)
+    status, answer = post_signed(cards.bridge.webhook_url, "charge.refunded", charge, event_id)
+    assert status == 200 and answer["message"] == "applied"
+    assert cards.stripe_event_applied(event_id)
+    assert cards.balances() == before
+
+
+def test_the_bridge_will_not_start_without_its_secret_and_token(monkeypatch) -> None:  # noqa: ANN001
+    from webhook_bridge.app import BridgeConfig
+
+    monkeypatch.setenv("STRIPE_WEBHOOK_SECRET", "")
+    monkeypatch.setenv("BRIDGE_TOKEN", "t")
+    with pytest.raises(ValueError, match="STRIPE_WEBHOOK_SECRET"):
+        BridgeConfig.from_env()
+    monkeypatch.setenv("STRIPE_WEBHOOK_SECRET", "whsec_x")
+    monkeypatch.setenv("BRIDGE_TOKEN", "")
+    with pytest.raises(ValueError, match="BRIDGE_TOKEN"):
+        BridgeConfig.from_env()
+    monkeypatch.setenv("BRIDGE_TOKEN", "t")
+    monkeypatch.setenv("BRIDGE_HTTP_ADDR", "127.0.0.1:9999")
+    assert BridgeConfig.from_env().host_port == ("127.0.0.1", 9999)
