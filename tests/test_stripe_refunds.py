@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC
+
 import grpc
 import pytest
 from stripe_support import CardStack
@@ -131,3 +133,21 @@ def test_concurrent_retries_of_one_refund_take_the_money_once(cards_any: CardSta
     assert cards.app.balance_cents(member_id=11) == 80_00
     assert len(cards.outbox("REFUNDED")) == 1
     cards.assert_invariants()
+
+
+def test_members_refund_within_12_weeks_administrators_later_too(cards: CardStack) -> None:
+    from datetime import datetime, timedelta
+
+    from sqlalchemy import update
+
+    from server.ledger.schema import card_payments
+
+    pi = cards.top_up_now(12, 100_00)
+    with cards.server.db.engine.begin() as conn:  # the top-up was 12 weeks and a day ago
+        conn.execute(update(card_payments).where(card_payments.c.payment_intent_id == pi)
+                     .values(applied_at=datetime.now(UTC) - timedelta(weeks=12, days=1)))
+    with pytest.raises(grpc.RpcError) as err:
+        refund(cards.app, pi, 10_00, member_id=12)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "12 weeks" in err.value.details()
+    assert cards.app.balance_cents(member_id=12) == 100_00
+    assert refund(cards.admin, pi, 10_00).card_amount_cents == 10_00
