@@ -221,10 +221,10 @@ def statement_call(member_id: int, page_token: str, page_size: int = 50) -> Call
 
 
 # ---------------------------------------------------------------------- Subscribe delivery
-async def subscribe_available(target: str) -> tuple[bool, str]:
+async def subscribe_available(target: str, after_sequence: int) -> tuple[bool, str]:
     async with grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.PaymentsServiceStub(channel)
-        call = stub.Subscribe(pb.SubscribeRequest(route_codes=["NONE"], after_sequence=2**62),
+        call = stub.Subscribe(pb.SubscribeRequest(route_codes=["NONE"], after_sequence=after_sequence),
                               metadata=APP_METADATA, timeout=1.0)
         try:
             async for _ in call:

@@ -48,6 +48,16 @@ def targets(rows: dict) -> list[dict]:
     if spread and hot:
         out.append({"target": "Pay hot >= 0.9 x Pay spread", "value": f"{hot / spread:.2f} x",
                     "met": hot / spread >= 0.9})
+    spread2, hot2 = get("pay_spread_2proc", "per_s"), get("pay_hot_2proc", "per_s")
+    if floor and spread2:
+        p99 = get("pay_spread_2proc", "p99_ms")
+        out.append({"target": "two processes: Pay spread >= 0.5 x floor", "value": f"{spread2 / floor:.2f} x",
+                    "met": spread2 / floor >= 0.5})
+        out.append({"target": "two processes: Pay spread p99 <= 50 ms", "value": f"{p99} ms",
+                    "met": p99 is not None and p99 <= 50})
+    if spread2 and hot2:
+        out.append({"target": "two processes: Pay hot >= 0.9 x Pay spread", "value": f"{hot2 / spread2:.2f} x",
+                    "met": hot2 / spread2 >= 0.9})
     for name in ("statement_first_page", "statement_deep_page"):
         p50 = get(name, "p50_ms")
         if p50 is not None:

@@ -42,7 +42,7 @@ class Plan:
 
 
 FULL = Plan("full", Seed(members=10_000, organisations=100, statement_postings=1_000_000), floor_threads=16,
-            in_flight=64, floor_s=12, pay_s=20, other_s=10, read_s=6, warmup_s=2, deep_depth=500_000,
+            in_flight=64, floor_s=12, pay_s=15, other_s=10, read_s=6, warmup_s=2, deep_depth=500_000,
             subscribers=100, delivery_rate_per_s=20, delivery_s=8)
 QUICK = Plan("quick", Seed(members=1_000, organisations=100, statement_postings=20_000), floor_threads=4,
              in_flight=8, floor_s=1, pay_s=1.5, other_s=1, read_s=0.5, warmup_s=0.3, deep_depth=10_000,
@@ -143,18 +143,19 @@ def run_scenarios(plan: Plan, db: BenchDatabase, results: dict, servers: list, n
         srv = load.ServerProcess(db.url, env=server_env, name=f"server{i}")
         servers.append(srv)
         srv.start()
-    targets = [s.target for s in servers]
     flight = plan.in_flight
-
     cpu_used: list[float] = [0.0]
 
-    def closed(call, duration_s: float, in_flight: int = flight, warmup_s: float = 0.0):  # noqa: ANN001, ANN202
+    def closed(call, duration_s: float, in_flight: int = flight, warmup_s: float = 0.0,  # noqa: ANN001, ANN202
+               on: list | None = None):
         """Run a closed loop; the server CPU it cost (measured part only) goes to cpu_used[0]."""
+        procs = on or servers[:n_servers]
+        where = [s.target for s in procs]
         if warmup_s:
-            asyncio.run(load.closed_loop(targets, call, in_flight=in_flight, duration_s=warmup_s))
-        before = sum(s.cpu_s() for s in servers)
-        samples = asyncio.run(load.closed_loop(targets, call, in_flight=in_flight, duration_s=duration_s))
-        cpu_used[0] = sum(s.cpu_s() for s in servers) - before
+            asyncio.run(load.closed_loop(where, call, in_flight=in_flight, duration_s=warmup_s))
+        before = sum(s.cpu_s() for s in procs)
+        samples = asyncio.run(load.closed_loop(where, call, in_flight=in_flight, duration_s=duration_s))
+        cpu_used[0] = sum(s.cpu_s() for s in procs) - before
         return samples
 
     # 2-3. Pay
@@ -180,15 +181,32 @@ def run_scenarios(plan: Plan, db: BenchDatabase, results: dict, servers: list, n
             s = closed(load.statement_call(stmt_member, token), plan.read_s, in_flight=4, warmup_s=0.2)
             record(name, s, throughput=False,
                    note=f"{label}, 50 lines, {plan.seed.statement_postings:,} postings, 4 in flight", server_cpu_s=cpu_used[0])
+    # the other server model: two server processes on the one database, the load spread over both
+    if n_servers == 1 and (wanted("pay_spread_2proc") or wanted("pay_hot_2proc") or wanted("delivery")):
+        second = load.ServerProcess(db.url, env=server_env, name="server1")
+        servers.append(second)
+        second.start()
+    for name, payees, label in (("pay_spread_2proc", orgs, f"{len(orgs)} organisations"),
+                                ("pay_hot_2proc", orgs[:1], "one organisation")):
+        if n_servers == 1 and wanted(name):
+            s = closed(load.pay_call(members, payees), plan.pay_s, warmup_s=plan.warmup_s, on=servers[:2])
+            record(name, s, note=f"gRPC, {flight} in flight over two server processes, {label}",
+                   server_cpu_s=cpu_used[0])
     # 5. commit -> Subscribe delivery
     if wanted("delivery"):
         run_delivery(plan, db, results, servers, server_env, record)
 
 
+def newest_sequence(db: BenchDatabase) -> int:
+    with db.connect() as conn, conn.cursor() as cur:
+        cur.execute("SELECT COALESCE(max(sequence), 0) FROM outbox_events")
+        return cur.fetchone()[0]
+
+
 def run_delivery(plan: Plan, db: BenchDatabase, results: dict, servers: list, server_env: dict, record) -> None:  # noqa: ANN001
     rows = results["scenarios"]
     orgs = list(range(1, plan.seed.organisations + 1))
-    ok, why = asyncio.run(load.subscribe_available(servers[0].target))
+    ok, why = asyncio.run(load.subscribe_available(servers[0].target, newest_sequence(db)))
     if not ok:
         for name in ("delivery_one_process", "delivery_two_processes"):
             rows[name] = {"skipped": f"Subscribe not available on this server ({why})"}
@@ -200,11 +218,8 @@ def run_delivery(plan: Plan, db: BenchDatabase, results: dict, servers: list, se
         second.start()
     for name, sub_target in (("delivery_one_process", servers[0].target),
                              ("delivery_two_processes", servers[1].target)):
-        with db.connect() as conn, conn.cursor() as cur:
-            cur.execute("SELECT COALESCE(max(sequence), 0) FROM outbox_events")
-            after = cur.fetchone()[0]
         s = asyncio.run(load.delivery(servers[0].target, sub_target, subscribers=plan.subscribers,
-                                      after_sequence=after, members=plan.seed.members, organisations=orgs,
+                                      after_sequence=newest_sequence(db), members=plan.seed.members, organisations=orgs,
                                       rate_per_s=plan.delivery_rate_per_s, duration_s=plan.delivery_s))
         if s.errors:
             raise AssertionError(f"{name}: {s.errors} events were not delivered to every subscriber")
