@@ -105,6 +105,9 @@ def test_one_json_line_per_call_and_never_a_token(proc):
         assert (line["method"], line["principal"], line["status"]) == (method, principal, status)
         assert isinstance(line["duration_ms"], int | float) and line["duration_ms"] >= 0
         assert line["level"] == "info" and line["timestamp"]
+    not_json = [line for line in proc.lines if not line.startswith("{")]
+    assert not_json == [], "every line on stdout is one JSON object (migrations included)"
+    assert len(proc.records()) == len(proc.lines)
     output = "\n".join(proc.lines)
     for token in (APP_TOKEN, ADMIN_TOKEN, BRIDGE_TOKEN, WRONG_TOKEN, HASHED_TOKEN):
         assert token not in output, "a token appeared in the log"
