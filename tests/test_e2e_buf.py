@@ -20,6 +20,7 @@ from zoneinfo import ZoneInfo
 import grpc
 import pytest
 from conftest import record_backend
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from server_process import ServerProcess
 
 from cobalt.payments.v1 import payments_pb2 as pb
@@ -161,15 +162,31 @@ def test_sigterm_lets_an_in_flight_call_finish_then_exits_zero(tmp_path):
                 except grpc.RpcError as err:
                     outcome["error"] = err
 
+            health_seen: list[int] = []
+            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=30)
+
+            def follow_health() -> None:
+                try:
+                    for update in watch:
+                        health_seen.append(update.status)
+                except grpc.RpcError:
+                    pass  # the stream ends with the server
+
+            watcher = threading.Thread(target=follow_health)
+            watcher.start()
             caller = threading.Thread(target=pay)
             caller.start()
             time.sleep(0.5)  # the Pay reaches the database and waits for the lock
             srv.proc.send_signal(15)  # SIGTERM while the Pay is in flight
             time.sleep(1.0)
             assert srv.proc.poll() is None, "the server waits for the in-flight call"
+            assert health_seen[:1] == [health_pb2.HealthCheckResponse.SERVING]
+            assert health_pb2.HealthCheckResponse.NOT_SERVING in health_seen, "health says NOT_SERVING first"
             blocker.execute("ROLLBACK")
             blocker.close()
             caller.join(20)
+            watch.cancel()
+            watcher.join(10)
         assert "error" not in outcome, outcome.get("error")
         assert outcome["resp"].status == pb.SUCCEEDED and outcome["resp"].balance_cents == 500
         assert srv.stop() == 0
