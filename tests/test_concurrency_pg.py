@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
@@ -118,6 +119,13 @@ def apply_effect(op: Op, balances: Counter) -> None:
         balances[member_account(req.to_member_id)] += req.amount_cents
 
 
+def deadlocks(db: Database) -> int:
+    with db.engine.connect() as conn:
+        conn.exec_driver_sql("SELECT pg_stat_clear_snapshot()")
+        return conn.exec_driver_sql(
+            "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()").scalar_one()
+
+
 class PgServer:
     """`payments-server` in its own process (its own GIL, as in production) on the run's PostgreSQL."""
 
@@ -155,6 +163,7 @@ def test_many_clients_pay_and_transfer_on_postgresql(pg):
             admin.adjust(cents, "opening", member_id=member_id)
     start = snapshot(pg.db)
     expected = Counter(start.balances)
+    deadlocks_before = deadlocks(pg.db)
 
     ops = make_ops(rng)
     plan = [list(range(t, len(ops), THREADS)) for t in range(THREADS)]
@@ -166,6 +175,8 @@ def test_many_clients_pay_and_transfer_on_postgresql(pg):
 
     codes = Counter(outcome[0] for op in ops for outcome in op.outcomes)
     assert set(codes) <= {"OK", "FAILED_PRECONDITION"}, f"no ABORTED, deadlock or internal error: {codes}"
+    time.sleep(1)  # statistics reach pg_stat_database within about a second
+    assert deadlocks(pg.db) == deadlocks_before, "PostgreSQL saw no deadlock (not even one retried away)"
     assert codes["OK"] > len(ops) // 2 and codes["FAILED_PRECONDITION"] > 0, codes
 
     succeeded = []
