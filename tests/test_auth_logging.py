@@ -4,6 +4,7 @@ what is checked is exactly what it prints."""
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import grpc
@@ -94,10 +95,15 @@ def test_one_json_line_per_call_and_never_a_token(proc):
         assert health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status == \
             health_pb2.HealthCheckResponse.SERVING
 
-    by_id: dict[str, list[dict]] = {}
-    for record in proc.records():
-        if record.get("event") == "rpc":
-            by_id.setdefault(record.get("request_id"), []).append(record)
+    deadline = time.monotonic() + 10  # stdout is read by a thread: let it catch up
+    while True:
+        by_id: dict[str, list[dict]] = {}
+        for record in proc.records():
+            if record.get("event") == "rpc":
+                by_id.setdefault(record.get("request_id"), []).append(record)
+        if all(i in by_id for i in ids) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     for (method, _, _, principal, status), request_id in zip(calls, ids, strict=True):
         lines = by_id.get(request_id, [])
         assert len(lines) == 1, f"{method} {status}: expected one log line, got {lines}"

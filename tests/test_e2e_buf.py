@@ -178,7 +178,9 @@ def test_sigterm_lets_an_in_flight_call_finish_then_exits_zero(tmp_path):
             caller.start()
             time.sleep(0.5)  # the Pay reaches the database and waits for the lock
             srv.proc.send_signal(15)  # SIGTERM while the Pay is in flight
-            time.sleep(1.0)
+            deadline = time.monotonic() + 5
+            while health_pb2.HealthCheckResponse.NOT_SERVING not in health_seen and time.monotonic() < deadline:
+                time.sleep(0.1)
             assert srv.proc.poll() is None, "the server waits for the in-flight call"
             assert health_seen[:1] == [health_pb2.HealthCheckResponse.SERVING]
             assert health_pb2.HealthCheckResponse.NOT_SERVING in health_seen, "health says NOT_SERVING first"
