@@ -136,6 +136,17 @@ class LedgerMachine(RuleBasedStateMachine):
         assert resp.balance_negative == (resp.balance_cents < 0)
         self.done.append(("Adjust", req, resp))
 
+    @rule(org=orgs, cents=st.integers(-8_000, 8_000).filter(bool))
+    def adjust_organisation(self, org: int, cents: int) -> None:
+        req = pb.AdjustRequest(idempotency_key=self.key(), account=pb.AccountRef(organisation_id=org),
+                               amount_cents=cents, description="bank fee")
+        resp = self.admin.call("Adjust", req)
+        acct = organisation_account(org)
+        self.model[acct] = self.bal(acct) + cents
+        self.model[-1] = self.bal(-1) - cents
+        assert (resp.balance_cents, resp.balance_negative) == (self.bal(acct), self.bal(acct) < 0)
+        self.done.append(("Adjust", req, resp))
+
     @rule(payer=members, which=st.sampled_from(["zero", "negative", "unknown-org", "long-description", "no-key"]))
     def bad_pay(self, payer: int, which: str) -> None:
         req = pb.PayRequest(idempotency_key=self.key(), member_id=payer, organisation_id=ORGS[0], amount_cents=100)
@@ -208,7 +219,7 @@ def test_ledger_state_machine(machine_server):
     LedgerMachine.server = machine_server
     run_state_machine_as_test(
         LedgerMachine,
-        settings=settings(max_examples=25, stateful_step_count=25, deadline=None, database=None,
+        settings=settings(max_examples=40, stateful_step_count=30, deadline=None, database=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]),
     )
     record_backend("sqlite")
