@@ -61,6 +61,7 @@ def make_engine(url: str, *, pool_size: int = 16) -> Engine:
 
 # ---------------------------------------------------------------- work deferred to the commit
 BEFORE_COMMIT = "before_commit"  # conn.info key: callables run, in order, right before COMMIT
+_COMMITTING = "before_commit_running"
 _engines_with_before_commit: weakref.WeakSet = weakref.WeakSet()
 
 
@@ -71,9 +72,16 @@ def _enable_before_commit(engine: Engine) -> None:
 
     @event.listens_for(engine, "commit")
     def _run_before_commit(conn):  # noqa: ANN001
-        actions = conn.info.pop(BEFORE_COMMIT, None)
-        while actions:  # an exception here aborts the commit: the transaction rolls back whole
-            actions.pop(0)(conn)
+        actions = conn.info.get(BEFORE_COMMIT)
+        if not actions:
+            return
+        conn.info[_COMMITTING] = True
+        try:
+            while actions:  # an exception here aborts the commit: the transaction rolls back whole
+                actions.pop(0)(conn)
+        finally:
+            conn.info.pop(_COMMITTING, None)
+            conn.info.pop(BEFORE_COMMIT, None)
 
     @event.listens_for(engine, "rollback")
     def _clear_on_rollback(conn):  # noqa: ANN001
@@ -90,6 +98,13 @@ def defer_until_commit(conn: Connection, action: Callable[[Connection], None]) -
         return False
     conn.info.setdefault(BEFORE_COMMIT, []).append(action)
     return True
+
+
+def committing_last(conn: Connection) -> bool:
+    """True inside the last action deferred to this commit, run as the commit begins: nothing of
+    this transaction follows it, so it may send its last statement together with COMMIT (and
+    BEGIN an empty transaction for the driver's own COMMIT to end)."""
+    return bool(conn.info.get(_COMMITTING)) and not conn.info.get(BEFORE_COMMIT)
 
 
 def run_deferred(conn: Connection) -> None:

@@ -14,10 +14,11 @@ from datetime import datetime
 
 from sqlalchemy import Connection, bindparam, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError
 
 from server.domain.errors import InsufficientFunds, NotFound
 from server.domain.types import AccountKind, PostingType, lock_rank, split_account_id
-from server.ledger.db import defer_until_commit, run_deferred, utcnow
+from server.ledger.db import committing_last, defer_until_commit, run_deferred, utcnow
 from server.ledger.schema import accounts, postings, transactions
 
 _REF_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"  # Crockford base32: no I, L, O, U
@@ -225,13 +226,16 @@ _POSTING_COLUMNS = ("transaction_id", "account_id", "amount_cents", "balance_aft
                     "reference", "type", "description", "payment_id", "event_id", "session_id", "created_at")
 _POSTING_CASTS = ("bigint", "bigint", "bigint", "bigint", "bigint", "varchar", "varchar", "varchar", "varchar",
                   "bigint", "bigint", "timestamptz")
-_LATE_SQL_CACHE: dict[tuple[int, int], str] = {}
+_LATE_SQL_CACHE: dict[tuple[int, int, bool], str] = {}
+_MISSING_MARK = "late-credit-account-missing"
 
 
-def _late_sql(n_early: int, n_late: int) -> str:
+def _late_sql(n_early: int, n_late: int, with_commit: bool) -> str:
     """One statement: credit each late account (row lock), read the database clock after the
-    locks, and insert every posting of the transaction stamped with it."""
-    key = (n_early, n_late)
+    locks, and insert every posting of the transaction stamped with it. `with_commit`: the
+    statement checks that every posting was written (or fails), then COMMIT, then BEGIN an empty
+    transaction, all in one round trip, so the row locks are released with no wait for our side."""
+    key = (n_early, n_late, with_commit)
     sql = _LATE_SQL_CACHE.get(key)
     if sql is not None:
         return sql
@@ -255,8 +259,16 @@ def _late_sql(n_early: int, n_late: int) -> str:
                     cols.append(f"CAST(%({prefix}{n}_{col})s AS {cast})")
             source = f"c{n}, t" if prefix == "c" else "t"  # nothing at all without every late credit
             selects.append(f"SELECT {', '.join(cols)} FROM {source}")
-    sql = (f"WITH {', '.join(ctes)} INSERT INTO postings ({', '.join(_POSTING_COLUMNS)}) "
-           f"{' UNION ALL '.join(selects)} RETURNING account_id")
+    insert_sql = (f"INSERT INTO postings ({', '.join(_POSTING_COLUMNS)}) "
+                  f"{' UNION ALL '.join(selects)} RETURNING account_id")
+    if not with_commit:
+        sql = f"WITH {', '.join(ctes)} {insert_sql}"
+    else:
+        # the failing cast depends on the row count, so it is evaluated only when rows are missing
+        sql = (f"WITH {', '.join(ctes)}, ins AS ({insert_sql}) "
+               f"SELECT CASE WHEN (SELECT count(*) FROM ins) = {n_early + n_late} THEN 0 "
+               f"ELSE CAST((SELECT count(*) FROM ins)::text || ':{_MISSING_MARK}' AS integer) END; "
+               "COMMIT; BEGIN")
     _LATE_SQL_CACHE[key] = sql
     return sql
 
@@ -269,7 +281,16 @@ def _apply_late_pg(conn: Connection, txn: NewTransaction, txn_id: int, reference
             row = _posting_row(txn, txn_id, reference, index, leg, balances.get(leg.account_id, 0), params["at"])
             for col in _POSTING_COLUMNS:
                 params[f"{prefix}{n}_{col}"] = row[col]
-    written = {r[0] for r in conn.exec_driver_sql(_late_sql(len(early), len(late)), params)}
+    missing = NotFound(f"organisation {split_account_id(late[0][1].account_id)[1]} is not registered")
+    if len(late) == 1 and committing_last(conn):
+        try:
+            conn.exec_driver_sql(_late_sql(len(early), 1, with_commit=True), params)
+        except DBAPIError as exc:
+            if getattr(exc.orig, "pgcode", None) == "22P02" and _MISSING_MARK in str(exc.orig):
+                raise missing from exc  # nothing was committed: the transaction rolls back whole
+            raise
+        return
+    written = {r[0] for r in conn.exec_driver_sql(_late_sql(len(early), len(late), with_commit=False), params)}
     for _, leg in late:
         if leg.account_id not in written:  # no such organisation: the whole transaction rolls back
             raise NotFound(f"organisation {split_account_id(leg.account_id)[1]} is not registered")
