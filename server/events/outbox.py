@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from sqlalchemy import Connection, insert
 
 from server.domain.types import EventKind
-from server.ledger.db import EVENTS_WRITTEN, utcnow
+from server.ledger.db import EVENTS_WRITTEN, defer_write, utcnow
 from server.ledger.schema import outbox_events
 
 
@@ -45,6 +45,7 @@ def emit(conn: Connection, *events: NewEvent) -> None:
         row["kind"] = ev.kind.value
         row["created_at"] = now
         rows.append(row)
-    # one row (the usual case) as a plain INSERT: the executemany path costs more for one row
-    conn.execute(_INSERT_EVENT, rows[0] if len(rows) == 1 else rows)
+    # written with the COMMIT on PostgreSQL (one round trip with it), at once elsewhere
+    for row in rows:
+        defer_write(conn, _INSERT_EVENT, row)
     conn.info[EVENTS_WRITTEN] = conn.info.get(EVENTS_WRITTEN, 0) + len(rows)

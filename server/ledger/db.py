@@ -69,23 +69,25 @@ def _enable_before_commit(engine: Engine) -> None:
     @event.listens_for(engine, "begin")
     def _clear_on_begin(conn):  # noqa: ANN001 - info lives on the pooled connection: start clean
         conn.info.pop(BEFORE_COMMIT, None)
+        conn.info.pop(DEFERRED_SQL, None)
 
     @event.listens_for(engine, "commit")
     def _run_before_commit(conn):  # noqa: ANN001
         actions = conn.info.get(BEFORE_COMMIT)
-        if not actions:
-            return
-        conn.info[_COMMITTING] = True
-        try:
-            while actions:  # an exception here aborts the commit: the transaction rolls back whole
-                actions.pop(0)(conn)
-        finally:
-            conn.info.pop(_COMMITTING, None)
-            conn.info.pop(BEFORE_COMMIT, None)
+        if actions:
+            conn.info[_COMMITTING] = True
+            try:
+                while actions:  # an exception here aborts the commit: the transaction rolls back whole
+                    actions.pop(0)(conn)
+            finally:
+                conn.info.pop(_COMMITTING, None)
+                conn.info.pop(BEFORE_COMMIT, None)
+        _write_deferred_sql(conn, commit=True)
 
     @event.listens_for(engine, "rollback")
     def _clear_on_rollback(conn):  # noqa: ANN001
         conn.info.pop(BEFORE_COMMIT, None)
+        conn.info.pop(DEFERRED_SQL, None)
 
     _engines_with_before_commit.add(engine)
 
@@ -100,18 +102,71 @@ def defer_until_commit(conn: Connection, action: Callable[[Connection], None]) -
     return True
 
 
-def committing_last(conn: Connection) -> bool:
-    """True inside the last action deferred to this commit, run as the commit begins: nothing of
-    this transaction follows it, so it may send its last statement together with COMMIT (and
-    BEGIN an empty transaction for the driver's own COMMIT to end)."""
-    return bool(conn.info.get(_COMMITTING)) and not conn.info.get(BEFORE_COMMIT)
-
-
 def run_deferred(conn: Connection) -> None:
     """Run what was deferred so far now (before more work that must see its effect)."""
     actions = conn.info.pop(BEFORE_COMMIT, None)
     while actions:
         actions.pop(0)(conn)
+    _write_deferred_sql(conn, commit=False)
+
+
+# ---------------------------------------------------------------- writes sent with the COMMIT (PostgreSQL)
+DEFERRED_SQL = "deferred_sql"  # conn.info key: [(sql bytes, error translator or None)]
+_COMPILED: dict[tuple, object] = {}
+
+
+def defers_sql(conn: Connection) -> bool:
+    """Writes nobody reads back in the transaction may go with its COMMIT, in one round trip."""
+    return conn.dialect.name == "postgresql" and conn.engine in _engines_with_before_commit
+
+
+def defer_sql_text(conn: Connection, sql: bytes,
+                   on_error: Callable[[DBAPIError], Exception | None] | None = None) -> None:
+    """Send `sql` (with its values in it) just before COMMIT, in the same round trip. `on_error`
+    may turn its failure into a domain error (nothing is committed either way)."""
+    conn.info.setdefault(DEFERRED_SQL, []).append((sql, on_error))
+
+
+def mogrify(conn: Connection, sql: str, params: dict) -> bytes:
+    """`sql` with `params` bound, as the driver would send it."""
+    return conn.connection.dbapi_connection.cursor().mogrify(sql, params)  # type: ignore[union-attr]
+
+
+def defer_write(conn: Connection, stmt, params: dict) -> None:  # noqa: ANN001
+    """Execute `stmt` (an INSERT whose result nobody reads in this transaction) with its COMMIT on
+    PostgreSQL, at once elsewhere. The statement is compiled once per set of keys."""
+    if not defers_sql(conn):
+        conn.execute(stmt, params)
+        return
+    key = (id(stmt), tuple(params))
+    compiled = _COMPILED.get(key)
+    if compiled is None:
+        compiled = stmt.compile(dialect=conn.dialect, column_keys=list(params))
+        _COMPILED[key] = compiled
+    values = compiled.construct_params(params)  # type: ignore[attr-defined]
+    for name, process in compiled._bind_processors.items():  # type: ignore[attr-defined]
+        if values.get(name) is not None:
+            values[name] = process(values[name])
+    defer_sql_text(conn, mogrify(conn, compiled.string, values))  # type: ignore[attr-defined]
+
+
+def _write_deferred_sql(conn: Connection, *, commit: bool) -> None:
+    pending = conn.info.pop(DEFERRED_SQL, None)
+    if not pending:
+        return
+    parts = [sql for sql, _ in pending]
+    if commit:
+        # COMMIT in the same round trip (row locks go at once), then an empty transaction for the
+        # driver's own COMMIT to end
+        parts += [b"COMMIT", b"BEGIN"]
+    try:  # values are in the text already: the driver must not look for placeholders
+        conn.exec_driver_sql(b"; ".join(parts).decode(), execution_options={"no_parameters": True})
+    except DBAPIError as exc:
+        for _, on_error in pending:
+            mapped = on_error(exc) if on_error else None
+            if mapped is not None:
+                raise mapped from exc
+        raise
 
 
 READ_ONLY = "payments_read_only"  # execution option of connections that only read

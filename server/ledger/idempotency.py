@@ -11,7 +11,7 @@ from sqlalchemy import Connection, bindparam, insert, select
 
 from server.domain.errors import AlreadyExists, InvalidArgument
 from server.domain.money import MAX_IDEMPOTENCY_KEY_CHARS
-from server.ledger.db import utcnow
+from server.ledger.db import defer_write, utcnow
 from server.ledger.schema import idempotency_keys
 
 
@@ -49,7 +49,10 @@ def lookup(conn: Connection, principal: str, key: str, method: str, req_hash: st
 
 
 def record(conn: Connection, principal: str, key: str, method: str, req_hash: str, response: bytes) -> None:
-    conn.execute(
+    # with the COMMIT on PostgreSQL (nobody reads it back in this transaction); a concurrent
+    # request with the same key still fails this one's commit with an IntegrityError
+    defer_write(
+        conn,
         _RECORD,
         {"principal": principal, "key": key, "method": method, "request_hash": req_hash, "response": response,
          "created_at": utcnow()},

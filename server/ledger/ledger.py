@@ -18,7 +18,7 @@ from sqlalchemy.exc import DBAPIError
 
 from server.domain.errors import InsufficientFunds, NotFound
 from server.domain.types import AccountKind, PostingType, lock_rank, split_account_id
-from server.ledger.db import committing_last, defer_until_commit, run_deferred, utcnow
+from server.ledger.db import defer_sql_text, defer_until_commit, defers_sql, mogrify, run_deferred, utcnow
 from server.ledger.schema import accounts, postings, transactions
 
 _REF_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"  # Crockford base32: no I, L, O, U
@@ -161,6 +161,11 @@ def book(conn: Connection, txn: NewTransaction) -> Booked:
         balances[leg.account_id], locked_at = _apply_leg(conn, leg)
     now = locked_at or utcnow()  # after the last lock: the database's clock, or ours on SQLite
     reference = new_reference(txn.type)
+    if late and defers_sql(conn):
+        # the transaction row, the late credits and every posting go with the COMMIT, in one round
+        # trip: a hot organisation's row lock is held for that statement and the commit alone
+        _defer_late_pg(conn, txn, reference, early, late, balances)
+        return Booked(0, reference, now, balances)  # the transaction id is known at commit only
     txn_id = conn.execute(
         _INSERT_TRANSACTION,
         {
@@ -182,9 +187,6 @@ def book(conn: Connection, txn: NewTransaction) -> Booked:
 
     def apply_late(c: Connection) -> None:
         # lock, then take the time, exactly as above: a statement's order stays the lock order
-        if c.dialect.name == "postgresql":
-            _apply_late_pg(c, txn, txn_id, reference, early, late, balances)
-            return
         late_balances = dict(balances)
         for _, leg in late:
             late_balances[leg.account_id], _ = _apply_leg(c, leg)
@@ -226,16 +228,18 @@ _POSTING_COLUMNS = ("transaction_id", "account_id", "amount_cents", "balance_aft
                     "reference", "type", "description", "payment_id", "event_id", "session_id", "created_at")
 _POSTING_CASTS = ("bigint", "bigint", "bigint", "bigint", "bigint", "varchar", "varchar", "varchar", "varchar",
                   "bigint", "bigint", "timestamptz")
-_LATE_SQL_CACHE: dict[tuple[int, int, bool], str] = {}
+_LATE_SQL_CACHE: dict[tuple[int, int], str] = {}
 _MISSING_MARK = "late-credit-account-missing"
+_TRANSACTION_COLUMNS = ("reference", "type", "description", "principal", "payment_id", "batch_id", "event_id",
+                        "session_id")
+_TRANSACTION_CASTS = ("varchar", "varchar", "varchar", "varchar", "varchar", "varchar", "bigint", "bigint")
 
 
-def _late_sql(n_early: int, n_late: int, with_commit: bool) -> str:
+def _late_sql(n_early: int, n_late: int) -> str:
     """One statement: credit each late account (row lock), read the database clock after the
-    locks, and insert every posting of the transaction stamped with it. `with_commit`: the
-    statement checks that every posting was written (or fails), then COMMIT, then BEGIN an empty
-    transaction, all in one round trip, so the row locks are released with no wait for our side."""
-    key = (n_early, n_late, with_commit)
+    locks, insert the transaction row and every posting stamped with that time, and fail unless
+    every posting was written (an unknown organisation credits nothing)."""
+    key = (n_early, n_late)
     sql = _LATE_SQL_CACHE.get(key)
     if sql is not None:
         return sql
@@ -246,6 +250,10 @@ def _late_sql(n_early: int, n_late: int, with_commit: bool) -> str:
     ]
     # materialised after every late UPDATE (it reads their rows), so after every lock
     ctes.append(f"t AS MATERIALIZED (SELECT clock_timestamp() AS at FROM {', '.join(f'c{n}' for n in range(n_late))})")
+    tx_values = ", ".join(f"CAST(%(tx_{col})s AS {cast})" for col, cast in zip(_TRANSACTION_COLUMNS, _TRANSACTION_CASTS,
+                                                                                strict=True))
+    ctes.append(f"tx AS (INSERT INTO transactions ({', '.join(_TRANSACTION_COLUMNS)}, created_at) "
+                f"SELECT {tx_values}, t.at FROM t RETURNING id)")
     selects = []
     for prefix, count in (("c", n_late), ("e", n_early)):
         for n in range(count):
@@ -253,47 +261,43 @@ def _late_sql(n_early: int, n_late: int, with_commit: bool) -> str:
             for col, cast in zip(_POSTING_COLUMNS, _POSTING_CASTS, strict=True):
                 if col == "created_at":
                     cols.append("t.at")
+                elif col == "transaction_id":
+                    cols.append("tx.id")
                 elif col == "balance_after_cents" and prefix == "c":
                     cols.append(f"c{n}.balance_cents")
                 else:
                     cols.append(f"CAST(%({prefix}{n}_{col})s AS {cast})")
-            source = f"c{n}, t" if prefix == "c" else "t"  # nothing at all without every late credit
+            source = f"c{n}, t, tx" if prefix == "c" else "t, tx"  # nothing at all without every late credit
             selects.append(f"SELECT {', '.join(cols)} FROM {source}")
-    insert_sql = (f"INSERT INTO postings ({', '.join(_POSTING_COLUMNS)}) "
-                  f"{' UNION ALL '.join(selects)} RETURNING account_id")
-    if not with_commit:
-        sql = f"WITH {', '.join(ctes)} {insert_sql}"
-    else:
-        # the failing cast depends on the row count, so it is evaluated only when rows are missing
-        sql = (f"WITH {', '.join(ctes)}, ins AS ({insert_sql}) "
-               f"SELECT CASE WHEN (SELECT count(*) FROM ins) = {n_early + n_late} THEN 0 "
-               f"ELSE CAST((SELECT count(*) FROM ins)::text || ':{_MISSING_MARK}' AS integer) END; "
-               "COMMIT; BEGIN")
+    ctes.append(f"ins AS (INSERT INTO postings ({', '.join(_POSTING_COLUMNS)}) {' UNION ALL '.join(selects)} "
+                "RETURNING account_id)")
+    # the failing cast depends on the row count, so it is evaluated only when rows are missing
+    sql = (f"WITH {', '.join(ctes)} SELECT CASE WHEN (SELECT count(*) FROM ins) = {n_early + n_late} THEN 0 "
+           f"ELSE CAST((SELECT count(*) FROM ins)::text || ':{_MISSING_MARK}' AS integer) END")
     _LATE_SQL_CACHE[key] = sql
     return sql
 
 
-def _apply_late_pg(conn: Connection, txn: NewTransaction, txn_id: int, reference: str,
-                   early: list[tuple[int, Leg]], late: list[tuple[int, Leg]], balances: dict[int, int]) -> None:
-    params: dict = {"at": utcnow()}
+def _defer_late_pg(conn: Connection, txn: NewTransaction, reference: str, early: list[tuple[int, Leg]],
+                   late: list[tuple[int, Leg]], balances: dict[int, int]) -> None:
+    at = utcnow()
+    params: dict = {"at": at}
+    for col in _TRANSACTION_COLUMNS:
+        params[f"tx_{col}"] = txn.type.value if col == "type" else (
+            reference if col == "reference" else getattr(txn, col))
     for prefix, legs in (("c", late), ("e", early)):
         for n, (index, leg) in enumerate(legs):
-            row = _posting_row(txn, txn_id, reference, index, leg, balances.get(leg.account_id, 0), params["at"])
+            row = _posting_row(txn, 0, reference, index, leg, balances.get(leg.account_id, 0), at)
             for col in _POSTING_COLUMNS:
                 params[f"{prefix}{n}_{col}"] = row[col]
-    missing = NotFound(f"organisation {split_account_id(late[0][1].account_id)[1]} is not registered")
-    if len(late) == 1 and committing_last(conn):
-        try:
-            conn.exec_driver_sql(_late_sql(len(early), 1, with_commit=True), params)
-        except DBAPIError as exc:
-            if getattr(exc.orig, "pgcode", None) == "22P02" and _MISSING_MARK in str(exc.orig):
-                raise missing from exc  # nothing was committed: the transaction rolls back whole
-            raise
-        return
-    written = {r[0] for r in conn.exec_driver_sql(_late_sql(len(early), len(late), with_commit=False), params)}
-    for _, leg in late:
-        if leg.account_id not in written:  # no such organisation: the whole transaction rolls back
-            raise NotFound(f"organisation {split_account_id(leg.account_id)[1]} is not registered")
+    orgs = ", ".join(str(split_account_id(leg.account_id)[1]) for _, leg in late)
+
+    def missing(exc: DBAPIError) -> Exception | None:
+        if getattr(exc.orig, "pgcode", None) == "22P02" and _MISSING_MARK in str(exc.orig):
+            return NotFound(f"organisation {orgs} is not registered")
+        return None
+
+    defer_sql_text(conn, mogrify(conn, _late_sql(len(early), len(late)), params), missing)
 
 
 def balance_of(conn: Connection, acct_id: int) -> int | None:
