@@ -61,7 +61,6 @@ def make_engine(url: str, *, pool_size: int = 16) -> Engine:
 
 # ---------------------------------------------------------------- work deferred to the commit
 BEFORE_COMMIT = "before_commit"  # conn.info key: callables run, in order, right before COMMIT
-_COMMITTING = "before_commit_running"
 _engines_with_before_commit: weakref.WeakSet = weakref.WeakSet()
 
 
@@ -73,15 +72,9 @@ def _enable_before_commit(engine: Engine) -> None:
 
     @event.listens_for(engine, "commit")
     def _run_before_commit(conn):  # noqa: ANN001
-        actions = conn.info.get(BEFORE_COMMIT)
-        if actions:
-            conn.info[_COMMITTING] = True
-            try:
-                while actions:  # an exception here aborts the commit: the transaction rolls back whole
-                    actions.pop(0)(conn)
-            finally:
-                conn.info.pop(_COMMITTING, None)
-                conn.info.pop(BEFORE_COMMIT, None)
+        actions = conn.info.pop(BEFORE_COMMIT, None)
+        while actions:  # an exception here aborts the commit: the transaction rolls back whole
+            actions.pop(0)(conn)
         _write_deferred_sql(conn, commit=True)
 
     @event.listens_for(engine, "rollback")
@@ -113,6 +106,7 @@ def run_deferred(conn: Connection) -> None:
 # ---------------------------------------------------------------- writes sent with the COMMIT (PostgreSQL)
 DEFERRED_SQL = "deferred_sql"  # conn.info key: [(sql bytes, error translator or None)]
 _COMPILED: dict[tuple, object] = {}
+_MAX_COMPILED = 256
 
 
 def defers_sql(conn: Connection) -> bool:
@@ -138,9 +132,11 @@ def defer_write(conn: Connection, stmt, params: dict) -> None:  # noqa: ANN001
     if not defers_sql(conn):
         conn.execute(stmt, params)
         return
-    key = (id(stmt), tuple(params))
+    key = (stmt, tuple(params))  # the statement itself (a module constant on the hot path)
     compiled = _COMPILED.get(key)
     if compiled is None:
+        if len(_COMPILED) >= _MAX_COMPILED:
+            _COMPILED.clear()
         compiled = stmt.compile(dialect=conn.dialect, column_keys=list(params))
         _COMPILED[key] = compiled
     values = compiled.construct_params(params)  # type: ignore[attr-defined]
