@@ -1,4 +1,5 @@
-"""`make run`: migrate the SQLite default, create dev tokens once, print how to call, serve."""
+"""`make run`: migrate the SQLite default, create dev tokens once, print how to call, serve the
+server and the webhook bridge."""
 
 from __future__ import annotations
 
@@ -50,9 +51,9 @@ Ctrl-C stops.
 
         run_with_local_stripe()
         return
-    from server.app import main as serve
+    from server.localdev import run_server_and_bridge
 
-    serve()
+    run_server_and_bridge(dict(os.environ))
 
 
 if __name__ == "__main__":

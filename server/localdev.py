@@ -1,6 +1,6 @@
-"""Local development against localstripe (SPEC §9): `make run-local-stripe`.
+"""Local development: `make run` (server and bridge) and `make run-local-stripe` (SPEC §9).
 
-Starts three things on 127.0.0.1: localstripe (a stateful Stripe double, its aiohttp app served
+`make run-local-stripe` starts three things on 127.0.0.1: localstripe (a stateful Stripe double, its aiohttp app served
 here with its disk store switched off), the gRPC server with STRIPE_API_BASE pointing at it, and the
 webhook bridge, with localstripe's webhook aimed at the bridge. Ctrl-C stops all three.
 
@@ -89,6 +89,13 @@ def run_with_local_stripe() -> None:
     env = dict(os.environ)
     env.setdefault("STRIPE_SECRET_KEY", FAKE_SECRET_KEY)
     env["STRIPE_API_BASE"] = api_base
+    run_server_and_bridge(env, [stripe_proc], api_base)
+
+
+def run_server_and_bridge(env: dict[str, str], children: list[subprocess.Popen] | None = None,
+                          localstripe_base: str = "") -> None:
+    """The gRPC server and the webhook bridge as child processes until Ctrl-C (`make run`).
+    With localstripe running, its signed webhooks are aimed at the bridge."""
     env.setdefault("STRIPE_WEBHOOK_SECRET", "whsec_" + secrets.token_hex(16))
     grpc_addr = env.setdefault("PAYMENTS_GRPC_ADDR", "127.0.0.1:50051")
     bridge_addr = env.setdefault("BRIDGE_HTTP_ADDR", "127.0.0.1:8080")
@@ -99,14 +106,21 @@ def run_with_local_stripe() -> None:
             if who.endswith(":stripe-bridge") and not token.startswith("sha256:"):
                 env["BRIDGE_TOKEN"] = token
                 break
-    children = [stripe_proc]
+    children = list(children or [])
     try:
         children.append(subprocess.Popen([sys.executable, "-m", "server"], env=env))
-        children.append(subprocess.Popen([sys.executable, "-m", "webhook_bridge"], env=env))
-        wait_for_http(f"http://{bridge_addr}/healthz")
-        configure_localstripe_webhook(api_base, f"http://{bridge_addr}/stripe/webhook", env["STRIPE_WEBHOOK_SECRET"])
-        print(f"localstripe on {api_base} (STRIPE_API_BASE), webhooks → http://{bridge_addr}/stripe/webhook",
-              flush=True)
+        if env.get("BRIDGE_TOKEN"):
+            children.append(subprocess.Popen([sys.executable, "-m", "webhook_bridge"], env=env))
+            wait_for_http(f"http://{bridge_addr}/healthz")
+            print(f"webhook bridge on http://{bridge_addr}/stripe/webhook (GET /healthz)", flush=True)
+        else:
+            print("no stripe-bridge token in PAYMENTS_AUTH_TOKENS and no BRIDGE_TOKEN: the bridge is not started",
+                  flush=True)
+        if localstripe_base and env.get("BRIDGE_TOKEN"):
+            configure_localstripe_webhook(localstripe_base, f"http://{bridge_addr}/stripe/webhook",
+                                          env["STRIPE_WEBHOOK_SECRET"])
+            print(f"localstripe on {localstripe_base} (STRIPE_API_BASE), webhooks → "
+                  f"http://{bridge_addr}/stripe/webhook", flush=True)
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
         while all(child.poll() is None for child in children):
             time.sleep(0.5)

@@ -9,7 +9,7 @@ from sqlalchemy import Connection
 
 from server.domain import validation
 from server.domain.errors import InsufficientFunds, InvalidArgument
-from server.domain.money import MAX_AMOUNT_CENTS, MAX_ROUTE_CODE_CHARS, MAX_ROUTE_PAYLOAD_CHARS
+from server.domain.money import MAX_AMOUNT_CENTS, MAX_ROUTE_CODE_CHARS, MAX_ROUTE_PAYLOAD_CHARS, TRANSFER_LIMIT_CENTS
 from server.domain.types import EventKind, PostingType, member_account, organisation_account
 from server.events.outbox import NewEvent, emit
 from server.ledger.ledger import Leg, NewTransaction, balance_of, book
@@ -42,7 +42,9 @@ class PayCommand:
             validation.positive_id("other_member_id", self.other_member_id)
             if self.other_member_id == self.member_id:
                 raise InvalidArgument.field("other_member_id", "a member cannot pay themselves")
-        validation.positive_amount("amount_cents", self.amount_cents, MAX_AMOUNT_CENTS)
+        # money from one member to another is a transfer, whichever RPC carries it: the same limit
+        limit_cents = TRANSFER_LIMIT_CENTS if self.other_member_id is not None else MAX_AMOUNT_CENTS
+        validation.positive_amount("amount_cents", self.amount_cents, limit_cents)
         description = validation.description(self.description)
         route_code = validation.bounded_text("route_code", self.route_code, MAX_ROUTE_CODE_CHARS)
         if len(self.route_payload) > MAX_ROUTE_PAYLOAD_CHARS:
