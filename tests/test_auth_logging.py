@@ -120,6 +120,26 @@ def test_one_json_line_per_call_and_never_a_token(proc):
         assert token not in proc.stderr
 
 
+def _log_lines(proc: ServerProcess, request_id: str, timeout_s: float = 10) -> list[dict]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        lines = [r for r in proc.records() if r.get("event") == "rpc" and r.get("request_id") == request_id]
+        if lines or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.05)
+
+
+def test_a_stream_the_caller_leaves_is_logged_cancelled(proc):
+    request_id = uuid.uuid4().hex[:16]
+    md = [("x-request-id", request_id), ("authorization", f"Bearer {APP_TOKEN}")]
+    with grpc.insecure_channel(proc.target) as channel:
+        stream = pb_grpc.PaymentsServiceStub(channel).Subscribe(pb.SubscribeRequest(after_sequence=-1), metadata=md)
+        time.sleep(0.3)  # the stream is open and waiting for events
+        stream.cancel()
+    lines = _log_lines(proc, request_id)
+    assert [(line["method"], line["principal"], line["status"]) for line in lines] == [("Subscribe", "shop", "CANCELLED")]
+
+
 def test_reflection_is_open(proc):
     with grpc.insecure_channel(proc.target) as channel:
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)

@@ -3,6 +3,7 @@ mapping, and one structured log line (method, principal, status, duration). Neve
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import time
 import uuid
@@ -75,9 +76,12 @@ class _Call:
         log.exception("unhandled error", method=self.method, request_id=self.request_id)
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {self.request_id})")
 
-    def _log(self, context, started: float) -> None:  # noqa: ANN001
+    def _log(self, context, started: float, cancelled: bool = False) -> None:  # noqa: ANN001
         code = context.code()
-        name = code.name if isinstance(code, grpc.StatusCode) else ("OK" if code is None else str(code))
+        if cancelled or (code is None and context.cancelled()):
+            name = "CANCELLED"  # the caller went away or its deadline passed
+        else:
+            name = code.name if isinstance(code, grpc.StatusCode) else ("OK" if code is None else str(code))
         log.info(
             "rpc",
             method=self.method,
@@ -108,11 +112,15 @@ class _Call:
     def wrap_stream(self, behavior):  # noqa: ANN001
         async def stream(request, context):  # noqa: ANN001
             started = time.perf_counter()
+            cancelled = False
             try:
                 await self._enter(context)
                 try:
                     async for item in behavior(request, context):
                         yield item
+                except asyncio.CancelledError:
+                    cancelled = True
+                    raise
                 except DomainError as exc:
                     await self._fail(context, exc)
                 except Exception as exc:  # noqa: BLE001
@@ -120,7 +128,7 @@ class _Call:
                         raise
                     await self._fail(context, exc)
             finally:
-                self._log(context, started)
+                self._log(context, started, cancelled)
 
         return stream
 
