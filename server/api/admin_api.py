@@ -12,7 +12,6 @@ from server.domain.errors import InvalidArgument
 from server.domain.types import AccountKind
 from server.ledger import idempotency
 from server.services import fees, settle, summaries
-from server.services.accounts import Organisation
 
 _FEE_FIELDS = ("settlement_fee_bp", "refund_fee_bp", "stripe_cost_per_transaction_cents", "stripe_cost_bp",
                "low_balance_limit_cents")
@@ -51,20 +50,6 @@ def _settle_response(result: settle.SettleResult) -> pb.SettleResponse:
         fee_settings_version=result.fee_settings.version,
         default_fee_bp=result.fee_settings.settlement_fee_bp,
     )
-
-
-def _organisation_pb(org: Organisation) -> pb.Organisation:
-    msg = pb.Organisation(
-        organisation_id=org.organisation_id,
-        name=org.name,
-        bsb=org.bsb,
-        account_number=org.account_number,
-        minimum_balance_cents=org.minimum_balance_cents,
-        balance_cents=org.balance_cents,
-    )
-    if org.settlement_fee_bp is not None:
-        msg.settlement_fee_bp = org.settlement_fee_bp
-    return msg
 
 
 class AdminApi(ApiBase):
@@ -143,7 +128,7 @@ class AdminApi(ApiBase):
         ids = list(request.organisation_ids)
         page = await self.read(lambda conn: summaries.list_organisations(conn, request.page_size, request.page_token,
                                                                          ids))
-        return pb.ListOrganisationsResponse(organisations=[_organisation_pb(o) for o in page.organisations],
+        return pb.ListOrganisationsResponse(organisations=[convert.organisation_pb(o) for o in page.organisations],
                                             next_page_token=page.next_page_token)
 
     async def GetOrganisationSummary(self, request: pb.GetOrganisationSummaryRequest,  # noqa: N802

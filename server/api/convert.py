@@ -17,6 +17,7 @@ from server.domain.types import (
     organisation_account,
     split_account_id,
 )
+from server.services.accounts import Organisation
 
 
 def account_id_of(ref: pb.AccountRef, field: str = "account") -> int:
@@ -78,3 +79,17 @@ def optional_time(msg, field: str) -> datetime | None:  # noqa: ANN001
 
 def zero_to_none(value: int) -> int | None:
     return value or None
+
+
+def organisation_pb(org: Organisation) -> pb.Organisation:
+    msg = pb.Organisation(
+        organisation_id=org.organisation_id,
+        name=org.name,
+        bsb=org.bsb,
+        account_number=org.account_number,
+        minimum_balance_cents=org.minimum_balance_cents,
+        balance_cents=org.balance_cents,
+    )
+    if org.settlement_fee_bp is not None:
+        msg.settlement_fee_bp = org.settlement_fee_bp
+    return msg

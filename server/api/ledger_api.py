@@ -3,9 +3,14 @@ registration. Each translates proto → command → service → proto; no busine
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from sqlalchemy import Connection
+
 from cobalt.payments.v1 import payments_pb2 as pb
 from server.api import convert
-from server.api.base import ApiBase
+from server.api.base import ApiBase, M
 from server.domain.errors import InsufficientFunds
 from server.services import accounts, adjust, pay, statements, transfer
 
@@ -41,19 +46,29 @@ class LedgerApi(ApiBase):
 
     async def Pay(self, request: pb.PayRequest, context) -> pb.PayResponse:  # noqa: ANN001, N802
         cmd = self.pay_command(request)
-        outcome: dict = {}
+        return await self.book_from_balance(
+            context, "Pay", request, pb.PayResponse, lambda conn: pay.pay_from_balance(conn, cmd),
+            self.pay_response, cmd.member_id, lambda short: self.pay_when_short(context, request, cmd, short))
 
-        def work(conn):  # noqa: ANN001, ANN202
-            result = pay.pay_from_balance(conn, cmd)
-            outcome["result"] = result
-            return self.pay_response(result)
+    async def book_from_balance(self, context, method: str, request, response_type: type[M],  # noqa: ANN001
+                                book: Callable[[Connection], Any], to_pb: Callable[[Any], M], payer_member_id: int | None,
+                                when_short: Callable[[InsufficientFunds], Awaitable[M]]) -> M:
+        """Pay and Transfer: book from the balance once per idempotency key; when the balance is
+        short hand over to `when_short`; after a booking that left the payer below the low limit
+        with auto top-up ON, top up (after the commit: Stripe is never called inside a transaction)."""
+        booked: list[Any] = []
+
+        def work(conn: Connection) -> M:
+            result = book(conn)
+            booked.append(result)
+            return to_pb(result)
 
         try:
-            response = await self.mutate(context, "Pay", request, pb.PayResponse, work)
+            response = await self.mutate(context, method, request, response_type, work)
         except InsufficientFunds as short:
-            return await self.pay_when_short(context, request, cmd, short)
-        if "result" in outcome and outcome["result"].needs_auto_top_up:
-            await self.after_payment_top_up(cmd.member_id)
+            return await when_short(short)
+        if booked and booked[-1].needs_auto_top_up and payer_member_id:
+            await self.after_payment_top_up(payer_member_id)
         return response
 
     async def pay_when_short(self, context, request: pb.PayRequest, cmd: pay.PayCommand,  # noqa: ANN001
@@ -150,20 +165,10 @@ class LedgerApi(ApiBase):
 
     async def Transfer(self, request: pb.TransferRequest, context) -> pb.TransferResponse:  # noqa: ANN001, N802
         cmd = self.transfer_command(request)
-        outcome: dict = {}
-
-        def work(conn):  # noqa: ANN001, ANN202
-            result = transfer.transfer(conn, cmd)
-            outcome["result"] = result
-            return self.transfer_response(result)
-
-        try:
-            response = await self.mutate(context, "Transfer", request, pb.TransferResponse, work)
-        except InsufficientFunds as short:
-            return await self.transfer_when_short(context, request, cmd, short)
-        if "result" in outcome and outcome["result"].needs_auto_top_up and cmd.from_member_id:
-            await self.after_payment_top_up(cmd.from_member_id)
-        return response
+        return await self.book_from_balance(
+            context, "Transfer", request, pb.TransferResponse, lambda conn: transfer.transfer(conn, cmd),
+            self.transfer_response, cmd.from_member_id,
+            lambda short: self.transfer_when_short(context, request, cmd, short))
 
     async def transfer_when_short(self, context, request: pb.TransferRequest,  # noqa: ANN001
                                   cmd: transfer.TransferCommand, short: InsufficientFunds) -> pb.TransferResponse:
@@ -196,27 +201,13 @@ class LedgerApi(ApiBase):
 
         return await self.mutate(context, "UpsertMember", request, pb.Member, work)
 
-    @staticmethod
-    def organisation_pb(org: accounts.Organisation) -> pb.Organisation:
-        msg = pb.Organisation(
-            organisation_id=org.organisation_id,
-            name=org.name,
-            bsb=org.bsb,
-            account_number=org.account_number,
-            minimum_balance_cents=org.minimum_balance_cents,
-            balance_cents=org.balance_cents,
-        )
-        if org.settlement_fee_bp is not None:
-            msg.settlement_fee_bp = org.settlement_fee_bp
-        return msg
-
     async def UpsertOrganisation(self, request: pb.UpsertOrganisationRequest, context) -> pb.Organisation:  # noqa: ANN001, N802
         fee_bp = request.settlement_fee_bp if request.HasField("settlement_fee_bp") else None
 
         def work(conn):  # noqa: ANN001, ANN202
             org = accounts.upsert_organisation(conn, request.organisation_id, request.name, request.bsb,
                                                request.account_number, request.minimum_balance_cents, fee_bp)
-            return self.organisation_pb(org)
+            return convert.organisation_pb(org)
 
         return await self.mutate(context, "UpsertOrganisation", request, pb.Organisation, work)
 
