@@ -12,7 +12,7 @@ import os
 import threading
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 import grpc
@@ -105,16 +105,17 @@ class RunningServer:
         self.thread.join(30)
 
 
-def start_server(database_url: str, backend: str, **overrides) -> RunningServer:  # noqa: ANN003
-    settings = Settings(database_url=database_url, grpc_addr="127.0.0.1:0", auth_tokens=AUTH_SPEC, **overrides)
+def run_in_own_loop(start: Callable[[], Awaitable[int]], name: str) -> tuple[asyncio.AbstractEventLoop,
+                                                                             threading.Thread, int]:
+    """Run `start()` (which returns the bound port) on a new event loop in a daemon thread, then
+    keep that loop running; returns once started (or re-raises what stopped the start)."""
     loop = asyncio.new_event_loop()
-    server = PaymentsServer(settings)
     ready: dict = {}
 
     def run() -> None:
         asyncio.set_event_loop(loop)
         try:
-            ready["port"] = loop.run_until_complete(server.start())
+            ready["port"] = loop.run_until_complete(start())
         except BaseException as exc:  # noqa: BLE001
             ready["error"] = exc
             return
@@ -122,13 +123,22 @@ def start_server(database_url: str, backend: str, **overrides) -> RunningServer:
             ready["done"] = True
         loop.run_forever()
 
-    thread = threading.Thread(target=run, name=f"server-{backend}", daemon=True)
+    thread = threading.Thread(target=run, name=name, daemon=True)
     thread.start()
     while "done" not in ready:
         thread.join(0.01)
     if "error" in ready:
         raise ready["error"]
-    return RunningServer(server, loop, thread, f"127.0.0.1:{ready['port']}", database_url, backend)
+    return loop, thread, ready["port"]
+
+
+def start_server(database_url: str, backend: str, *, addr: str = "127.0.0.1:0",
+                 **overrides) -> RunningServer:  # noqa: ANN003
+    """A server in this process; `addr` fixes the address (to stop it and start it again there)."""
+    settings = Settings(database_url=database_url, grpc_addr=addr, auth_tokens=AUTH_SPEC, **overrides)
+    server = PaymentsServer(settings)
+    loop, thread, port = run_in_own_loop(server.start, f"server-{backend}")
+    return RunningServer(server, loop, thread, f"127.0.0.1:{port}", database_url, backend)
 
 
 def _truncate_all(db: Database) -> None:

@@ -23,13 +23,11 @@ from dataclasses import dataclass
 
 import pytest
 import stripe
-from conftest import AUTH_SPEC, TOKENS, RunningServer, _truncate_all, record_backend, start_server
+from conftest import TOKENS, RunningServer, _truncate_all, record_backend, run_in_own_loop, start_server
 from sqlalchemy import func, select
 
 from clients.payments_client import PaymentsClient, new_idempotency_key
 from cobalt.payments.v1 import payments_pb2 as pb
-from server.app import PaymentsServer
-from server.config import Settings
 from server.ledger.schema import accounts, outbox_events, postings, stripe_events
 from server.localdev import configure_localstripe_webhook, start_localstripe_process
 from webhook_bridge.app import Bridge, BridgeConfig
@@ -93,54 +91,13 @@ class RunningBridge:
 def start_bridge(grpc_target: str, secret: str = WEBHOOK_SECRET) -> RunningBridge:
     bridge = Bridge(BridgeConfig(http_addr="127.0.0.1:0", grpc_target=grpc_target, token=TOKENS["bridge"],
                                  webhook_secret=secret))
-    loop = asyncio.new_event_loop()
-    started: dict = {}
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        try:
-            started["port"] = loop.run_until_complete(bridge.start())
-        except BaseException as exc:  # noqa: BLE001
-            started["error"] = exc
-            return
-        finally:
-            started["done"] = True
-        loop.run_forever()
-
-    thread = threading.Thread(target=run, name="bridge", daemon=True)
-    thread.start()
-    while "done" not in started:
-        thread.join(0.01)
-    if "error" in started:
-        raise started["error"]
-    return RunningBridge(bridge, loop, thread, f"http://127.0.0.1:{started['port']}")
+    loop, thread, port = run_in_own_loop(bridge.start, "bridge")
+    return RunningBridge(bridge, loop, thread, f"http://127.0.0.1:{port}")
 
 
 def start_server_at(database_url: str, addr: str, **overrides) -> RunningServer:  # noqa: ANN003
     """A server on a fixed address (to stop it and start it again where the bridge points)."""
-    settings = Settings(database_url=database_url, grpc_addr=addr, auth_tokens=AUTH_SPEC, **overrides)
-    server = PaymentsServer(settings)
-    loop = asyncio.new_event_loop()
-    started: dict = {}
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        try:
-            started["port"] = loop.run_until_complete(server.start())
-        except BaseException as exc:  # noqa: BLE001
-            started["error"] = exc
-            return
-        finally:
-            started["done"] = True
-        loop.run_forever()
-
-    thread = threading.Thread(target=run, name="server-at", daemon=True)
-    thread.start()
-    while "done" not in started:
-        thread.join(0.01)
-    if "error" in started:
-        raise started["error"]
-    return RunningServer(server, loop, thread, addr, database_url, "sqlite")
+    return start_server(database_url, "sqlite", addr=addr, **overrides)
 
 
 def stop_if_running(server: RunningServer) -> None:
