@@ -70,6 +70,10 @@ class _Call:
         current_principal.set(self.principal)
 
     async def _fail(self, context, exc: Exception) -> None:  # noqa: ANN001
+        """A DomainError becomes its status; an abort already under way goes on; anything else is
+        logged once, with its traceback, and the caller gets INTERNAL with the request id."""
+        if _is_abort(exc):
+            raise exc
         if isinstance(exc, DomainError):
             status = to_status(exc)
             await context.abort(status.code, status.details, status.trailing_metadata)
@@ -98,11 +102,7 @@ class _Call:
                 await self._enter(context)
                 try:
                     return await behavior(request, context)
-                except DomainError as exc:
-                    await self._fail(context, exc)
-                except Exception as exc:  # noqa: BLE001
-                    if _is_abort(exc):
-                        raise
+                except Exception as exc:  # noqa: BLE001 - mapped to a status; aborts pass through
                     await self._fail(context, exc)
             finally:
                 self._log(context, started)
@@ -121,11 +121,7 @@ class _Call:
                 except asyncio.CancelledError:
                     cancelled = True
                     raise
-                except DomainError as exc:
-                    await self._fail(context, exc)
-                except Exception as exc:  # noqa: BLE001
-                    if _is_abort(exc):
-                        raise
+                except Exception as exc:  # noqa: BLE001 - mapped to a status; aborts pass through
                     await self._fail(context, exc)
             finally:
                 self._log(context, started, cancelled)
