@@ -61,6 +61,7 @@ def make_engine(url: str, *, pool_size: int = 16) -> Engine:
 
 # ---------------------------------------------------------------- work deferred to the commit
 BEFORE_COMMIT = "before_commit"  # conn.info key: callables run, in order, right before COMMIT
+_SAVEPOINTS = "deferred_at_savepoint"  # conn.info key: stack of the lists' lengths at each open savepoint
 _engines_with_before_commit: weakref.WeakSet = weakref.WeakSet()
 
 
@@ -69,6 +70,7 @@ def _enable_before_commit(engine: Engine) -> None:
     def _clear_on_begin(conn):  # noqa: ANN001 - info lives on the pooled connection: start clean
         conn.info.pop(BEFORE_COMMIT, None)
         conn.info.pop(DEFERRED_SQL, None)
+        conn.info.pop(_SAVEPOINTS, None)
 
     @event.listens_for(engine, "commit")
     def _run_before_commit(conn):  # noqa: ANN001
@@ -81,6 +83,30 @@ def _enable_before_commit(engine: Engine) -> None:
     def _clear_on_rollback(conn):  # noqa: ANN001
         conn.info.pop(BEFORE_COMMIT, None)
         conn.info.pop(DEFERRED_SQL, None)
+        conn.info.pop(_SAVEPOINTS, None)
+
+    # Work deferred inside a SAVEPOINT goes if the savepoint is rolled back, and stays if released
+    # (savepoints nest: a stack of the lists' lengths when each began).
+    @event.listens_for(engine, "savepoint")
+    def _mark_savepoint(conn, name):  # noqa: ANN001
+        conn.info.setdefault(_SAVEPOINTS, []).append(
+            (len(conn.info.get(BEFORE_COMMIT) or ()), len(conn.info.get(DEFERRED_SQL) or ())))
+
+    @event.listens_for(engine, "rollback_savepoint")
+    def _drop_since_savepoint(conn, name, context):  # noqa: ANN001
+        marks = conn.info.get(_SAVEPOINTS)
+        if not marks:
+            return
+        for key, keep in zip((BEFORE_COMMIT, DEFERRED_SQL), marks.pop(), strict=True):
+            pending = conn.info.get(key)
+            if pending is not None:
+                del pending[keep:]
+
+    @event.listens_for(engine, "release_savepoint")
+    def _keep_since_savepoint(conn, name, context):  # noqa: ANN001
+        marks = conn.info.get(_SAVEPOINTS)
+        if marks:
+            marks.pop()
 
     _engines_with_before_commit.add(engine)
 

@@ -1,0 +1,122 @@
+"""Work the ledger defers to the commit (a hot organisation's late credit; on PostgreSQL also the
+writes sent with COMMIT): it lands exactly when its transaction commits, goes with a rolled-back
+SAVEPOINT, and keeps values with `%` and non-ASCII text intact."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import func, select, text
+
+from server.domain.errors import NotFound
+from server.domain.types import (
+    EventKind,
+    PostingType,
+    SystemAccount,
+    member_account,
+    organisation_account,
+    system_account,
+)
+from server.events.outbox import NewEvent, emit
+from server.ledger import migrate
+from server.ledger.db import Database
+from server.ledger.ledger import Leg, NewTransaction, book
+from server.ledger.schema import accounts, outbox_events, postings
+
+MEMBER, ORG = member_account(1), organisation_account(7)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db(request, tmp_path) -> Iterator[Database]:  # noqa: ANN001
+    url = f"sqlite:///{tmp_path / 'deferred.db'}" if request.param == "sqlite" else request.getfixturevalue(
+        "postgres_url")
+    database = Database.from_url(url)
+    migrate.upgrade(database.engine)
+    with database.engine.begin() as conn:  # an empty ledger with one organisation, one funded member
+        for table in ("outbox_events", "postings", "transactions", "organisations"):
+            conn.execute(text(f"DELETE FROM {table}"))
+        conn.execute(text("DELETE FROM accounts WHERE kind <> 3"))
+        conn.execute(text("UPDATE accounts SET balance_cents = 0"))
+    database.run(lambda conn: _setup(conn))
+    yield database
+    database.dispose()
+
+
+def _setup(conn) -> None:  # noqa: ANN001
+    conn.execute(text("INSERT INTO organisations (organisation_id, name, created_at, updated_at) "
+                      "VALUES (7, 'Club', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"))
+    conn.execute(text(f"INSERT INTO accounts (id, kind, ext_id, name, balance_cents, created_at) "
+                      f"VALUES ({ORG}, 2, 7, 'Club', 0, CURRENT_TIMESTAMP)"))
+    book(conn, NewTransaction(PostingType.MANUAL_ADJUSTMENT, "opening", "test",
+                              [Leg(MEMBER, 1_000), Leg(system_account(SystemAccount.ADJUSTMENTS), -1_000)]))
+
+
+def _pay(amount_cents: int, description: str = "Entry") -> NewTransaction:
+    return NewTransaction(PostingType.ENTRY_TO_EVENT, description, "test",
+                          [Leg(MEMBER, -amount_cents, ORG, must_stay_non_negative=True),
+                           Leg(ORG, amount_cents, MEMBER)], late_credits=True)
+
+
+def _state(db: Database) -> tuple[int, int, int, int]:
+    with db.engine.connect() as conn:
+        bal = dict(conn.execute(select(accounts.c.id, accounts.c.balance_cents)).all())
+        n_postings = conn.execute(select(func.count()).select_from(postings)).scalar_one()
+        n_events = conn.execute(select(func.count()).select_from(outbox_events)).scalar_one()
+    return bal[MEMBER], bal[ORG], n_postings, n_events
+
+
+def test_a_rolled_back_savepoint_takes_its_deferred_credit_and_events_with_it(db: Database) -> None:
+    def work(conn) -> None:  # noqa: ANN001
+        with pytest.raises(RuntimeError):
+            with conn.begin_nested():
+                book(conn, _pay(300))
+                emit(conn, NewEvent(EventKind.PAYMENT_SUCCEEDED, member_id=1, organisation_id=7))
+                raise RuntimeError("after the booking, inside the savepoint")
+        with conn.begin_nested():
+            book(conn, _pay(100))
+
+    db.run(work)
+    member, org, n_postings, n_events = _state(db)
+    assert (member, org) == (900, 100)
+    assert n_postings == 4  # the opening pair and the one payment that stood
+    assert n_events == 0
+
+
+def test_nothing_deferred_lands_when_the_transaction_fails_after_the_booking(db: Database) -> None:
+    def work(conn) -> None:  # noqa: ANN001
+        book(conn, _pay(250))
+        emit(conn, NewEvent(EventKind.PAYMENT_SUCCEEDED, member_id=1, organisation_id=7))
+        raise RuntimeError("fails before the commit")
+
+    with pytest.raises(RuntimeError):
+        db.run(work)
+    assert _state(db) == (1_000, 0, 2, 0)
+    db.run(lambda conn: book(conn, _pay(250)))  # the pooled connection carries nothing over
+    assert _state(db) == (750, 250, 4, 0)
+
+
+def test_deferred_values_keep_percent_signs_and_non_ascii_text(db: Database) -> None:
+    description = "Entry 50% %(name)s %s é 🂡"
+
+    def work(conn) -> None:  # noqa: ANN001
+        book(conn, _pay(120, description))
+        emit(conn, NewEvent(EventKind.PAYMENT_SUCCEEDED, member_id=1, organisation_id=7, route_payload='{"a": "%d"}'))
+
+    db.run(work)
+    with db.engine.connect() as conn:
+        lines = conn.execute(select(postings.c.account_id, postings.c.description, postings.c.balance_after_cents)
+                             .where(postings.c.description == description)).all()
+        payload = conn.execute(select(outbox_events.c.route_payload)).scalar_one()
+    assert sorted((a, b) for a, _, b in lines) == [(MEMBER, 880), (ORG, 120)]
+    assert payload == '{"a": "%d"}'
+
+
+def test_a_late_credit_to_an_unknown_organisation_fails_the_whole_transaction(db: Database) -> None:
+    unknown = organisation_account(99)
+    txn = NewTransaction(PostingType.ENTRY_TO_EVENT, "Entry", "test",
+                         [Leg(MEMBER, -100, unknown, must_stay_non_negative=True), Leg(unknown, 100, MEMBER)],
+                         late_credits=True)
+    with pytest.raises(NotFound):
+        db.run(lambda conn: book(conn, txn))
+    assert _state(db) == (1_000, 0, 2, 0)
