@@ -8,7 +8,7 @@ import random
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
@@ -24,14 +24,14 @@ MAX_RETRIES = 8  # conflicts (deadlock, serialization, SQLite busy) retried at m
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def as_utc(value: datetime | None) -> datetime | None:
     """SQLite hands back naive datetimes: they are UTC."""
     if value is None:
         return None
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def is_sqlite(url: str) -> bool:
@@ -245,7 +245,7 @@ class Database:
         self.after_events_committed: list[Callable[[], None]] = []
 
     @classmethod
-    def from_url(cls, url: str, *, pool_size: int = 16) -> "Database":
+    def from_url(cls, url: str, *, pool_size: int = 16) -> Database:
         return cls(make_engine(url, pool_size=pool_size))
 
     @contextlib.contextmanager
