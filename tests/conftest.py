@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import grpc
 import pytest
+import structlog
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
@@ -43,6 +44,10 @@ AUTH_SPEC = (
 )
 
 _ran_on: Counter[str] = Counter()
+
+# In-process servers log one line per call; in the test output only warnings and errors belong.
+# (What the server prints is checked against `payments-server` subprocesses, which configure their own.)
+structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30))
 _pg_skipped: list[str] = []  # why PostgreSQL tests did not run, for the summary line
 
 
