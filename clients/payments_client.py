@@ -36,7 +36,7 @@ class PaymentsClient:
     def close(self) -> None:
         self.channel.close()
 
-    def __enter__(self) -> "PaymentsClient":
+    def __enter__(self) -> PaymentsClient:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -37,7 +37,7 @@ class Settings:
     extra: dict = field(default_factory=dict)
 
     @classmethod
-    def from_env(cls) -> "Settings":
+    def from_env(cls) -> Settings:
         env = os.environ
         return cls(
             database_url=env.get("PAYMENTS_DATABASE_URL") or DEFAULT_SQLITE_URL,

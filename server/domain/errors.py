@@ -18,7 +18,7 @@ class InvalidArgument(DomainError):
     code = "INVALID_ARGUMENT"
 
     @classmethod
-    def field(cls, field: str, description: str) -> "InvalidArgument":
+    def field(cls, field: str, description: str) -> InvalidArgument:
         return cls(f"{field}: {description}", field_violations=[(field, description)])
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 
 
-class PostingType(str, enum.Enum):
+class PostingType(enum.StrEnum):
     ENTRY_TO_EVENT = "ENTRY_TO_EVENT"
     CLUB_PAYMENT = "CLUB_PAYMENT"
     CLUB_MEMBERSHIP = "CLUB_MEMBERSHIP"
@@ -92,7 +92,7 @@ def lock_rank(acct_id: int) -> tuple[int, int]:
     return int(kind), ext
 
 
-class EventKind(str, enum.Enum):
+class EventKind(enum.StrEnum):
     PAYMENT_SUCCEEDED = "PAYMENT_SUCCEEDED"
     PAYMENT_FAILED = "PAYMENT_FAILED"
     TOP_UP_SUCCEEDED = "TOP_UP_SUCCEEDED"

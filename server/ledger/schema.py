@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
-
     Column,
     DateTime,
     ForeignKey,

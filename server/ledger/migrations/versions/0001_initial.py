@@ -3,11 +3,10 @@
 Revision ID: 0001
 Revises: 
 """
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
-from alembic import op
 import sqlalchemy as sa
-
+from alembic import op
 
 revision = '0001'
 down_revision = None
@@ -208,7 +207,7 @@ def upgrade() -> None:
         sa.column("id", sa.BigInteger), sa.column("kind", sa.SmallInteger), sa.column("ext_id", sa.BigInteger),
         sa.column("name", sa.String), sa.column("balance_cents", sa.BigInteger), sa.column("created_at", sa.DateTime),
     )
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     op.bulk_insert(accounts, [
         {"id": ext * 4 + 3, "kind": 3, "ext_id": ext, "name": name, "balance_cents": 0, "created_at": now}
         for ext, name in ((1, "stripe"), (2, "federation"), (3, "bank"), (4, "adjustments"))
