@@ -19,6 +19,7 @@ from server.services import auto_top_up, cards
 from server.services.accounts import require_account
 from server.services.cards import Once, Replayed
 from server.services.pay import PayCommand, pay_from_balance
+from server.services.top_up import open_payment_intent
 from server.services.transfer import TransferCommand, TransferResult, transfer
 from server.stripe_gateway import CardFailed, StripeGateway
 
@@ -133,13 +134,11 @@ def _start_card_payment(db: Database, gateway: StripeGateway, once: Once, cmd: P
             failure_reason=f"the card part ({format_cents(card_amount_cents)}) is more than one card charge may be "
                            f"({format_cents(MAX_TOP_UP_CENTS)})"))
     ref = once.stripe_key("card-payment")
-    pending = db.run(lambda conn: cards.start_pending(conn, ref, cmd.member_id, cards.PAY, card_amount_cents,
-                                                     cmd.principal, cards.pay_command_to_json(cmd), once=once))
-    if isinstance(pending, Replayed):
-        return pending
-    card = db.read(lambda conn: auto_top_up.card_of(conn, cmd.member_id))
-    intent = gateway.create_payment_intent(card_amount_cents, cards.intent_metadata(ref, cmd.member_id, cards.PAY),
-                                           ref, card.customer_id if card else "")
+    opened = open_payment_intent(db, gateway, once, ref, cmd.member_id, cards.PAY, card_amount_cents, cmd.principal,
+                                 cards.pay_command_to_json(cmd))
+    if isinstance(opened, Replayed):
+        return opened
+    pending, intent = opened
 
     def finish(conn: Connection) -> PayOutcome | Replayed:
         again = once.stored(conn)

@@ -12,7 +12,7 @@ from server.domain.money import MAX_TOP_UP_CENTS, MIN_TOP_UP_CENTS
 from server.ledger.db import Database
 from server.services import auto_top_up, cards
 from server.services.cards import Once, Replayed
-from server.stripe_gateway import StripeGateway
+from server.stripe_gateway import Intent, StripeGateway
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,21 @@ def check_amount(amount_cents: int, balance_cents: int) -> None:
                             f"at most {format_cents(max(ceiling, 0))} now")
 
 
+def open_payment_intent(db: Database, gateway: StripeGateway, once: Once, ref: str, member_id: int, purpose: str,
+                        amount_cents: int, principal: str,
+                        pending_request: str | None = None) -> tuple[cards.CardPayment, Intent] | Replayed:
+    """The pending card payment first (so a crash after Stripe's answer is recovered from the webhook),
+    then the PaymentIntent with Stripe, outside any transaction, for the member's customer if any."""
+    pending = db.run(lambda conn: cards.start_pending(conn, ref, member_id, purpose, amount_cents, principal,
+                                                     pending_request, once=once))
+    if isinstance(pending, Replayed):
+        return pending
+    card = db.read(lambda conn: auto_top_up.card_of(conn, member_id))
+    intent = gateway.create_payment_intent(amount_cents, cards.intent_metadata(ref, member_id, purpose), ref,
+                                           card.customer_id if card else "")
+    return pending, intent
+
+
 def start(db: Database, gateway: StripeGateway, once: Once, member_id: int, amount_cents: int,
           principal: str) -> TopUpStarted | Replayed:
     gateway.require()
@@ -51,13 +66,10 @@ def start(db: Database, gateway: StripeGateway, once: Once, member_id: int, amou
     balance, _ = db.read(lambda conn: auto_top_up.balance_and_low_limit(conn, member_id))
     check_amount(amount_cents, balance)
     ref = once.stripe_key("top-up")
-    pending = db.run(lambda conn: cards.start_pending(conn, ref, member_id, cards.MANUAL_TOP_UP, amount_cents,
-                                                     principal, once=once))
-    if isinstance(pending, Replayed):
-        return pending
-    card = db.read(lambda conn: auto_top_up.card_of(conn, member_id))
-    intent = gateway.create_payment_intent(amount_cents, cards.intent_metadata(ref, member_id, cards.MANUAL_TOP_UP),
-                                           ref, card.customer_id if card else "")
+    opened = open_payment_intent(db, gateway, once, ref, member_id, cards.MANUAL_TOP_UP, amount_cents, principal)
+    if isinstance(opened, Replayed):
+        return opened
+    _, intent = opened
 
     def finish(conn: Connection) -> TopUpStarted | Replayed:
         again = once.stored(conn)
