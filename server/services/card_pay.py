@@ -21,7 +21,7 @@ from server.services.cards import Once, Replayed
 from server.services.pay import PayCommand, pay_from_balance
 from server.services.top_up import open_payment_intent
 from server.services.transfer import TransferCommand, TransferResult, transfer
-from server.stripe_gateway import CardFailed, StripeGateway
+from server.stripe_gateway import CardFailed, Intent, StripeGateway
 
 STRIPE_MIN_CHARGE_CENTS = 50  # Stripe's smallest card charge in AUD
 
@@ -133,26 +133,13 @@ def _start_card_payment(db: Database, gateway: StripeGateway, once: Once, cmd: P
             "FAILED", balance_cents=balance_cents,
             failure_reason=f"the card part ({format_cents(card_amount_cents)}) is more than one card charge may be "
                            f"({format_cents(MAX_TOP_UP_CENTS)})"))
-    ref = once.stripe_key("card-payment")
-    opened = open_payment_intent(db, gateway, once, ref, cmd.member_id, cards.PAY, card_amount_cents, cmd.principal,
-                                 cards.pay_command_to_json(cmd))
-    if isinstance(opened, Replayed):
-        return opened
-    pending, intent = opened
-
-    def finish(conn: Connection) -> PayOutcome | Replayed:
-        again = once.stored(conn)
-        if again is not None:
-            return Replayed(again)
-        cards.bind_intent(conn, ref, intent.id)
+    def answer(conn: Connection, pending: cards.CardPayment, intent: Intent) -> PayOutcome:
         balance, _ = auto_top_up.balance_and_low_limit(conn, cmd.member_id)
-        outcome = PayOutcome("REQUIRES_CARD_PAYMENT", pending.payment_id, balance,
-                             payment_intent_id=intent.id, client_secret=intent.client_secret,
-                             card_amount_cents=card_amount_cents)
-        once.record(conn, outcome)
-        return outcome
+        return PayOutcome("REQUIRES_CARD_PAYMENT", pending.payment_id, balance, payment_intent_id=intent.id,
+                          client_secret=intent.client_secret, card_amount_cents=card_amount_cents)
 
-    return db.run(finish)
+    return open_payment_intent(db, gateway, once, once.stripe_key("card-payment"), cmd.member_id, cards.PAY,
+                               card_amount_cents, cmd.principal, answer, cards.pay_command_to_json(cmd))
 
 
 def transfer_when_short(db: Database, gateway: StripeGateway, once: Once, cmd: TransferCommand,

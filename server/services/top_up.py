@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from sqlalchemy import Connection
 
@@ -13,6 +15,8 @@ from server.ledger.db import Database
 from server.services import auto_top_up, cards
 from server.services.cards import Once, Replayed
 from server.stripe_gateway import Intent, StripeGateway
+
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -42,10 +46,11 @@ def check_amount(amount_cents: int, balance_cents: int) -> None:
 
 
 def open_payment_intent(db: Database, gateway: StripeGateway, once: Once, ref: str, member_id: int, purpose: str,
-                        amount_cents: int, principal: str,
-                        pending_request: str | None = None) -> tuple[cards.CardPayment, Intent] | Replayed:
+                        amount_cents: int, principal: str, answer: Callable[[Connection, cards.CardPayment, Intent], R],
+                        pending_request: str | None = None) -> R | Replayed:
     """The pending card payment first (so a crash after Stripe's answer is recovered from the webhook),
-    then the PaymentIntent with Stripe, outside any transaction, for the member's customer if any."""
+    then the PaymentIntent with Stripe, outside any transaction, for the member's customer if any; then,
+    in one transaction, the pending row gets its intent and `answer` is stored as the response."""
     pending = db.run(lambda conn: cards.start_pending(conn, ref, member_id, purpose, amount_cents, principal,
                                                      pending_request, once=once))
     if isinstance(pending, Replayed):
@@ -53,7 +58,17 @@ def open_payment_intent(db: Database, gateway: StripeGateway, once: Once, ref: s
     card = db.read(lambda conn: auto_top_up.card_of(conn, member_id))
     intent = gateway.create_payment_intent(amount_cents, cards.intent_metadata(ref, member_id, purpose), ref,
                                            card.customer_id if card else "")
-    return pending, intent
+
+    def finish(conn: Connection) -> R | Replayed:
+        again = once.stored(conn)
+        if again is not None:
+            return Replayed(again)
+        cards.bind_intent(conn, ref, intent.id)
+        result = answer(conn, pending, intent)
+        once.record(conn, result)
+        return result
+
+    return db.run(finish)
 
 
 def start(db: Database, gateway: StripeGateway, once: Once, member_id: int, amount_cents: int,
@@ -65,22 +80,9 @@ def start(db: Database, gateway: StripeGateway, once: Once, member_id: int, amou
         return Replayed(stored)
     balance, _ = db.read(lambda conn: auto_top_up.balance_and_low_limit(conn, member_id))
     check_amount(amount_cents, balance)
-    ref = once.stripe_key("top-up")
-    opened = open_payment_intent(db, gateway, once, ref, member_id, cards.MANUAL_TOP_UP, amount_cents, principal)
-    if isinstance(opened, Replayed):
-        return opened
-    _, intent = opened
-
-    def finish(conn: Connection) -> TopUpStarted | Replayed:
-        again = once.stored(conn)
-        if again is not None:
-            return Replayed(again)
-        cards.bind_intent(conn, ref, intent.id)
-        result = TopUpStarted(intent.id, intent.client_secret, amount_cents)
-        once.record(conn, result)
-        return result
-
-    return db.run(finish)
+    return open_payment_intent(
+        db, gateway, once, once.stripe_key("top-up"), member_id, cards.MANUAL_TOP_UP, amount_cents, principal,
+        lambda _conn, _pending, intent: TopUpStarted(intent.id, intent.client_secret, amount_cents))
 
 
 def confirm_card_payment(db: Database, gateway: StripeGateway, payment_intent_id: str) -> CardPaymentState:
