@@ -272,6 +272,21 @@ def test_replay_of_every_mutating_rpc(server, admin, method):
     assert snapshot(server.db) == after_first
 
 
+def test_replay_still_answers_after_the_balance_no_longer_covers_the_payment(server, admin, app):
+    """On PostgreSQL a first request is not looked up before it runs: the repeat of a payment the
+    member could afford then, but not now, must still get the stored answer, not a refusal."""
+    fund(admin)
+    request = pay(amount_cents=6_000)
+    first = app.call("Pay", request)
+    app.call("Pay", pay(amount_cents=4_000))  # RICH is now at zero
+    after = snapshot(server.db)
+    again, call = app.call("Pay", request, with_call=True)
+    assert again == first
+    assert dict(call.trailing_metadata()).get("idempotent-replay") == "true"
+    assert snapshot(server.db) == after
+    assert app.balance_cents(member_id=RICH) == 0
+
+
 def test_same_key_different_request_is_already_exists(server, admin, app):
     fund(admin)
     request = pay(amount_cents=100)

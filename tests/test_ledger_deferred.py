@@ -4,10 +4,13 @@ SAVEPOINT, and keeps values with `%` and non-ASCII text intact."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
+import psycopg2.extensions
 import pytest
-from sqlalchemy import func, select, text
+from sqlalchemy import event, func, select, text
+from sqlalchemy.exc import DBAPIError
 
 from server.domain.errors import NotFound
 from server.domain.types import (
@@ -120,3 +123,74 @@ def test_a_late_credit_to_an_unknown_organisation_fails_the_whole_transaction(db
     with pytest.raises(NotFound):
         db.run(lambda conn: book(conn, txn))
     assert _state(db) == (1_000, 0, 2, 0)
+
+
+# ---------------------------------------------------------------- PostgreSQL: BEGIN and COMMIT ride on other statements
+def _statements_sent(db: Database, fn) -> list[str]:  # noqa: ANN001
+    """What the driver was asked to execute while `db.run(fn)` ran (each is one round trip)."""
+    sent: list[str] = []
+
+    def record(conn, cursor, statement, parameters, context, executemany) -> None:  # noqa: ANN001
+        sent.append(statement)
+
+    event.listen(db.engine, "after_cursor_execute", record)
+    try:
+        db.run(fn)
+    finally:
+        event.remove(db.engine, "after_cursor_execute", record)
+    return sent
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("db", ["postgresql"], indirect=True)
+def test_a_payment_is_two_round_trips_in_one_read_committed_transaction(db: Database) -> None:
+    seen: dict = {}
+
+    def work(conn) -> None:  # noqa: ANN001
+        book(conn, _pay(300))
+        emit(conn, NewEvent(EventKind.PAYMENT_SUCCEEDED, member_id=1, organisation_id=7))
+        seen["isolation"] = conn.exec_driver_sql("SELECT current_setting('transaction_isolation')").scalar_one()
+        seen["in_transaction"] = conn.exec_driver_sql("SELECT txid_current_if_assigned() IS NOT NULL").scalar_one()
+
+    sent = _statements_sent(db, work)
+    assert seen == {"isolation": "read committed", "in_transaction": True}
+    # the debit (with BEGIN in front), the two probes above, then the deferred writes with COMMIT
+    assert len(sent) == 4
+    assert sent[0].startswith("BEGIN ISOLATION LEVEL READ COMMITTED; UPDATE accounts")
+    assert sent[-1].endswith("; COMMIT") and "INSERT INTO outbox_events" in sent[-1]
+    assert _state(db) == (700, 300, 4, 1)
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("db", ["postgresql"], indirect=True)
+def test_a_transaction_that_fails_is_rolled_back_and_its_connection_returns_clean(db: Database) -> None:
+    def fails_in_sql(conn) -> None:  # noqa: ANN001
+        book(conn, _pay(100))
+        conn.exec_driver_sql("SELECT 1/0")
+
+    def fails_in_python(conn) -> None:  # noqa: ANN001
+        conn.exec_driver_sql(f"UPDATE accounts SET balance_cents = 5 WHERE id = {MEMBER}")
+        raise RuntimeError("after a write that is not deferred")
+
+    with pytest.raises(DBAPIError):
+        db.run(fails_in_sql)
+    with pytest.raises(RuntimeError):
+        db.run(fails_in_python)
+    assert _state(db) == (1_000, 0, 2, 0)
+    with db.engine.connect() as conn:  # every pooled connection is outside a transaction
+        dbapi = conn.connection.dbapi_connection
+        assert dbapi.get_transaction_status() == psycopg2.extensions.TRANSACTION_STATUS_IDLE
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("db", ["postgresql"], indirect=True)
+def test_a_write_without_deferred_work_is_committed_and_reads_open_no_transaction(db: Database) -> None:
+    sent = _statements_sent(db, lambda conn: conn.exec_driver_sql(
+        f"UPDATE accounts SET last_movement_at = now() WHERE id = {MEMBER}"))
+    assert sent[-1] == "COMMIT"
+    with db.read_connection() as conn:
+        conn.exec_driver_sql("SELECT 1")
+        time.sleep(0.01)
+        # in a transaction now() would be its start, before this statement's own time
+        assert conn.exec_driver_sql("SELECT now() = statement_timestamp()").scalar_one()
+        assert conn.exec_driver_sql(f"SELECT last_movement_at IS NOT NULL FROM accounts WHERE id = {MEMBER}").scalar_one()

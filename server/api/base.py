@@ -15,6 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from server.api.auth import Principal
 from server.api.interceptors import current_principal
 from server.config import Settings
+from server.domain.errors import DomainError
 from server.ledger import idempotency
 from server.ledger.db import Database
 
@@ -48,50 +49,55 @@ class ApiBase:
     async def write(self, fn: Callable[[Connection], T]) -> T:
         return await self.in_thread(lambda: self.db.run(fn))
 
-    def replay_or_none(self, conn: Connection, method: str, request: Message, response_type: type[M]) -> M | None:
-        """The stored response of an earlier identical request, or None (raises on a reused key)."""
-        key = request.idempotency_key  # type: ignore[attr-defined]
-        stored = idempotency.lookup(conn, self.principal().name, key, method,
-                                    idempotency.request_hash(method, request.SerializeToString(deterministic=True)))
-        return None if stored is None else response_type.FromString(stored.response)
-
-    def record(self, conn: Connection, method: str, request: Message, response: Message) -> None:
-        idempotency.record(conn, self.principal().name, request.idempotency_key,  # type: ignore[attr-defined]
-                           method, idempotency.request_hash(method, request.SerializeToString(deterministic=True)),
-                           response.SerializeToString(deterministic=True))
-
     async def mutate(self, context, method: str, request: Message, response_type: type[M],  # noqa: ANN001
                      work: Callable[[Connection], M]) -> M:
         """Run `work` once per idempotency key: in one transaction with the stored response.
         A retry of the same request returns the stored response with `idempotent-replay: true`."""
-        idempotency.check_key(request.idempotency_key)  # type: ignore[attr-defined]
+        response, _ = await self.mutate_once(context, method, request, response_type, work)
+        return response
+
+    async def mutate_once(self, context, method: str, request: Message, response_type: type[M],  # noqa: ANN001
+                          work: Callable[[Connection], M], *, optimistic: bool = False) -> tuple[M, bool]:
+        """`mutate`, answering (response, replayed). With `optimistic` (for work that only touches
+        the database), where the record is written with the COMMIT the stored response is not looked
+        up first: a repeated key fails the commit on the record's unique key, the attempt rolls back
+        whole, and the request runs again the careful way (as does any refusal, which may be a
+        repeat of a request that succeeded): one round trip less for every first request."""
+        key = request.idempotency_key  # type: ignore[attr-defined]
+        idempotency.check_key(key)
         principal = self.principal()
+        req_hash = idempotency.request_hash(method, request.SerializeToString(deterministic=True))
         replayed = False
 
-        def txn(conn: Connection) -> M:
-            nonlocal replayed
-            stored = self.replay_or_none(conn, method, request, response_type)
-            if stored is not None:
-                replayed = True
-                return stored
-            replayed = False
+        def work_then_record(conn: Connection) -> M:
             response = work(conn)
-            self.record(conn, method, request, response)
+            idempotency.record(conn, principal.name, key, method, req_hash, response.SerializeToString(deterministic=True))
             return response
+
+        def lookup_then_work(conn: Connection) -> M:
+            nonlocal replayed
+            stored = idempotency.lookup(conn, principal.name, key, method, req_hash)
+            replayed = stored is not None
+            return response_type.FromString(stored.response) if stored is not None else work_then_record(conn)
 
         def run() -> M:
             token = current_principal.set(principal)
             try:
+                if optimistic and self.db.records_with_commit:
+                    try:
+                        return self.db.run(work_then_record)
+                    except (IntegrityError, DomainError):
+                        pass  # the key is taken, or a refusal that may be a repeat: look first
                 try:
-                    return self.db.run(txn)
+                    return self.db.run(lookup_then_work)
                 except IntegrityError:
                     # a concurrent request with the same key committed first: this attempt
                     # rolled back whole; the rerun finds its stored response.
-                    return self.db.run(txn)
+                    return self.db.run(lookup_then_work)
             finally:
                 current_principal.reset(token)
 
         result = await self.in_thread(run)
         if replayed:
             context.set_trailing_metadata((("idempotent-replay", "true"),))
-        return result
+        return result, replayed

@@ -64,10 +64,11 @@ class LedgerApi(ApiBase):
             return to_pb(result)
 
         try:
-            response = await self.mutate(context, method, request, response_type, work)
+            response, replayed = await self.mutate_once(context, method, request, response_type, work, optimistic=True)
         except InsufficientFunds as short:
             return await when_short(short)
-        if booked and booked[-1].needs_auto_top_up and payer_member_id:
+        # the last booking is the committed one, unless the answer is a replay (then none was)
+        if not replayed and booked and booked[-1].needs_auto_top_up and payer_member_id:
             await self.after_payment_top_up(payer_member_id)
         return response
 

@@ -39,6 +39,7 @@ class PgWakeups:
         self._thread = threading.Thread(target=self._run, name="events-listen", daemon=True)
         self.notifies_sent = 0
         self.notifies_received = 0
+        self._poked = False  # a poke is in the pipe and not yet drained: later commits need not write
 
     def start(self) -> None:
         self._thread.start()
@@ -54,8 +55,11 @@ class PgWakeups:
                 pass
 
     def local_commit(self) -> None:
-        """Thread-safe and cheap: ask the listener thread to NOTIFY the other processes."""
-        self._poke()
+        """Thread-safe and cheap: ask the listener thread to NOTIFY the other processes. Commits
+        that find a poke still waiting ride on it (no write, no wake-up of the listener)."""
+        if not self._poked:
+            self._poked = True
+            self._poke()
 
     def _poke(self) -> None:
         try:
@@ -78,10 +82,14 @@ class PgWakeups:
         while True:
             try:
                 if not os.read(self._pipe_r, 4096):
-                    return poked
+                    break
                 poked = True
             except BlockingIOError:
-                return poked
+                break
+        # after reading: a commit that still saw the flag committed before this point, and the
+        # NOTIFY this drain makes due is sent later; a commit from now on pokes again
+        self._poked = False
+        return poked
 
     def _run(self) -> None:
         failures = 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 
 from sqlalchemy import Connection, insert
 
@@ -29,6 +29,7 @@ class NewEvent:
 
 
 _INSERT_EVENT = insert(outbox_events)
+_EVENT_FIELDS = tuple(f.name for f in fields(NewEvent))
 
 
 def emit(conn: Connection, *events: NewEvent) -> None:
@@ -41,7 +42,7 @@ def emit(conn: Connection, *events: NewEvent) -> None:
     now = utcnow()
     rows = []
     for ev in events:
-        row = asdict(ev)
+        row = {name: getattr(ev, name) for name in _EVENT_FIELDS}  # flat: no deep copy as asdict() makes
         row["kind"] = ev.kind.value
         row["created_at"] = now
         rows.append(row)

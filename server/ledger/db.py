@@ -53,10 +53,71 @@ def make_engine(url: str, *, pool_size: int = 16) -> Engine:
         max_overflow=pool_size,
         pool_pre_ping=False,
         pool_recycle=1800,
-        isolation_level="READ COMMITTED",
+        # the driver sends no BEGIN of its own: see _enable_folded_begin
+        isolation_level="AUTOCOMMIT",
     )
+    _enable_folded_begin(engine)
     _enable_before_commit(engine)
     return engine
+
+
+# ---------------------------------------------------------------- BEGIN and COMMIT without round trips of their own
+PG_BEGIN = "BEGIN ISOLATION LEVEL READ COMMITTED; "
+_BEGIN_PENDING = "pg_begin_pending"  # conn.info key: the transaction's BEGIN goes with its first statement
+
+
+def _pg_in_transaction(dbapi_conn) -> bool:  # noqa: ANN001
+    import psycopg2.extensions as ext  # only PostgreSQL engines get here
+
+    return dbapi_conn.get_transaction_status() != ext.TRANSACTION_STATUS_IDLE
+
+
+def _enable_folded_begin(engine: Engine) -> None:
+    """PostgreSQL: the driver runs in autocommit and we say BEGIN ourselves, in the same round trip as
+    the transaction's first statement; COMMIT goes with the deferred writes (see _write_deferred_sql).
+    psycopg2 would send each on its own, two of the five round trips of a Pay. A reader (READ_ONLY)
+    sends no BEGIN at all: each statement reads committed data on its own, as it would in a READ
+    COMMITTED transaction. Whatever happens, a connection goes back to the pool outside a transaction."""
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn):  # noqa: ANN001
+        if not conn.get_execution_options().get(READ_ONLY):
+            conn.info[_BEGIN_PENDING] = True
+
+    @event.listens_for(engine, "before_cursor_execute", retval=True)
+    def _fold_begin(conn, cursor, statement, parameters, context, executemany):  # noqa: ANN001
+        if conn.info.pop(_BEGIN_PENDING, False):
+            if executemany:
+                cursor.execute(PG_BEGIN)
+            else:
+                statement = PG_BEGIN + statement
+        return statement, parameters
+
+    @event.listens_for(engine, "rollback")
+    def _rollback(conn):  # noqa: ANN001
+        conn.info.pop(_BEGIN_PENDING, None)
+        if not conn.invalidated:
+            _end_open_transaction(conn.connection.dbapi_connection)
+
+    @event.listens_for(engine, "reset")
+    def _reset(dbapi_conn, _record, _state):  # noqa: ANN001 - the pool's check-in
+        _end_open_transaction(dbapi_conn)
+
+
+def _end_open_transaction(dbapi_conn) -> None:  # noqa: ANN001
+    """ROLLBACK an open (or failed) transaction; a connection that cannot take it is broken, and
+    the pool drops a connection whose reset raised."""
+    if dbapi_conn is not None and not dbapi_conn.closed and _pg_in_transaction(dbapi_conn):
+        with dbapi_conn.cursor() as cur:
+            cur.execute("ROLLBACK")
+
+
+def _commit_folded(conn: Connection) -> None:
+    """COMMIT what BEGIN opened, when no deferred writes carried it."""
+    conn.info.pop(_BEGIN_PENDING, None)
+    dbapi_conn = conn.connection.dbapi_connection
+    if conn.dialect.name == "postgresql" and dbapi_conn is not None and _pg_in_transaction(dbapi_conn):
+        conn.exec_driver_sql("COMMIT")
 
 
 # ---------------------------------------------------------------- work deferred to the commit
@@ -78,6 +139,7 @@ def _enable_before_commit(engine: Engine) -> None:
         while actions:  # an exception here aborts the commit: the transaction rolls back whole
             actions.pop(0)(conn)
         _write_deferred_sql(conn, commit=True)
+        _commit_folded(conn)
 
     @event.listens_for(engine, "rollback")
     def _clear_on_rollback(conn):  # noqa: ANN001
@@ -177,10 +239,8 @@ def _write_deferred_sql(conn: Connection, *, commit: bool) -> None:
     if not pending:
         return
     parts = [sql for sql, _ in pending]
-    if commit:
-        # COMMIT in the same round trip (row locks go at once), then an empty transaction for the
-        # driver's own COMMIT to end
-        parts += [b"COMMIT", b"BEGIN"]
+    if commit:  # COMMIT in the same round trip: row locks go at once
+        parts.append(b"COMMIT")
     try:  # values are in the text already: the driver must not look for placeholders
         conn.exec_driver_sql(b"; ".join(parts).decode(), execution_options={"no_parameters": True})
     except DBAPIError as exc:
@@ -243,6 +303,11 @@ class Database:
         self.is_sqlite = engine.dialect.name == "sqlite"
         # called (no arguments) after a commit of `run` that wrote outbox events: the stream's wake-up
         self.after_events_committed: list[Callable[[], None]] = []
+
+    @property
+    def records_with_commit(self) -> bool:
+        """Idempotency records (and other deferred writes) go to the database with the COMMIT."""
+        return self.engine.dialect.name == "postgresql" and self.engine in _engines_with_before_commit
 
     @classmethod
     def from_url(cls, url: str, *, pool_size: int = 16) -> Database:

@@ -37,7 +37,8 @@ _REF_PREFIX = {
 
 def new_reference(posting_type: PostingType) -> str:
     """A unique, human-readable reference such as PAY-7KQ3-M9ZT-2WXA (60 random bits)."""
-    body = "".join(secrets.choice(_REF_ALPHABET) for _ in range(12))
+    bits = int.from_bytes(secrets.token_bytes(8), "big")  # 64 random bits, 60 used: 12 digits of 5 bits
+    body = "".join(_REF_ALPHABET[(bits >> shift) & 31] for shift in range(0, 60, 5))
     return f"{_REF_PREFIX.get(posting_type, 'PAY')}-{body[:4]}-{body[4:8]}-{body[8:]}"
 
 
