@@ -18,7 +18,15 @@ from sqlalchemy.exc import DBAPIError
 
 from server.domain.errors import InsufficientFunds, NotFound
 from server.domain.types import AccountKind, PostingType, lock_rank, split_account_id
-from server.ledger.db import defer_sql_text, defer_until_commit, defers_sql, mogrify, run_deferred, utcnow
+from server.ledger.db import (
+    PreparedSql,
+    defer_sql_text,
+    defer_until_commit,
+    defers_sql,
+    execute_prepared,
+    run_deferred,
+    utcnow,
+)
 from server.ledger.schema import accounts, postings, transactions
 
 _REF_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"  # Crockford base32: no I, L, O, U
@@ -120,7 +128,7 @@ def _apply_leg(conn: Connection, leg: Leg) -> tuple[int, datetime | None]:
     if leg.must_stay_non_negative and leg.amount_cents < 0:
         stmt = _APPLY_CHECKED_PG if pg else _APPLY_CHECKED
         params["leg_needed_cents"] = -leg.amount_cents
-    row = conn.execute(stmt, params).first()
+    row = execute_prepared(conn, stmt, params).first()
     if row is not None:
         return row[0], (row[1] if pg else None)
     balance = conn.execute(_BALANCE_OF, {"leg_account_id": leg.account_id}).scalar()
@@ -132,7 +140,7 @@ def _apply_leg(conn: Connection, leg: Leg) -> tuple[int, datetime | None]:
     if leg.must_stay_non_negative and leg.amount_cents < 0:
         raise InsufficientFunds(0, -leg.amount_cents)
     ensure_account(conn, leg.account_id)
-    row = conn.execute(stmt, params).one()
+    row = execute_prepared(conn, stmt, params).one()
     return row[0], (row[1] if pg else None)
 
 
@@ -229,14 +237,14 @@ _POSTING_COLUMNS = ("transaction_id", "account_id", "amount_cents", "balance_aft
                     "reference", "type", "description", "payment_id", "event_id", "session_id", "created_at")
 _POSTING_CASTS = ("bigint", "bigint", "bigint", "bigint", "bigint", "varchar", "varchar", "varchar", "varchar",
                   "bigint", "bigint", "timestamptz")
-_LATE_SQL_CACHE: dict[tuple[int, int], str] = {}
+_LATE_SQL_CACHE: dict[tuple[int, int], PreparedSql] = {}
 _MISSING_MARK = "late-credit-account-missing"
 _TRANSACTION_COLUMNS = ("reference", "type", "description", "principal", "payment_id", "batch_id", "event_id",
                         "session_id")
 _TRANSACTION_CASTS = ("varchar", "varchar", "varchar", "varchar", "varchar", "varchar", "bigint", "bigint")
 
 
-def _late_sql(n_early: int, n_late: int) -> str:
+def _late_sql(n_early: int, n_late: int) -> PreparedSql:
     """One statement: credit each late account (row lock), read the database clock after the
     locks, insert the transaction row and every posting stamped with that time, and fail unless
     every posting was written (an unknown organisation credits nothing)."""
@@ -273,8 +281,8 @@ def _late_sql(n_early: int, n_late: int) -> str:
     ctes.append(f"ins AS (INSERT INTO postings ({', '.join(_POSTING_COLUMNS)}) {' UNION ALL '.join(selects)} "
                 "RETURNING account_id)")
     # the failing cast depends on the row count, so it is evaluated only when rows are missing
-    sql = (f"WITH {', '.join(ctes)} SELECT CASE WHEN (SELECT count(*) FROM ins) = {n_early + n_late} THEN 0 "
-           f"ELSE CAST((SELECT count(*) FROM ins)::text || ':{_MISSING_MARK}' AS integer) END")
+    sql = PreparedSql(f"WITH {', '.join(ctes)} SELECT CASE WHEN (SELECT count(*) FROM ins) = {n_early + n_late} "
+                      f"THEN 0 ELSE CAST((SELECT count(*) FROM ins)::text || ':{_MISSING_MARK}' AS integer) END")
     _LATE_SQL_CACHE[key] = sql
     return sql
 
@@ -298,7 +306,7 @@ def _defer_late_pg(conn: Connection, txn: NewTransaction, reference: str, early:
             return NotFound(f"organisation {orgs} is not registered")
         return None
 
-    defer_sql_text(conn, mogrify(conn, _late_sql(len(early), len(late)), params), missing)
+    defer_sql_text(conn, _late_sql(len(early), len(late)).mogrify(conn, params), missing)
 
 
 def balance_of(conn: Connection, acct_id: int) -> int | None:
