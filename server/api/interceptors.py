@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import itertools
+import os
 import time
-import uuid
 
 import grpc
 import structlog
@@ -23,53 +24,94 @@ _PREFIX = f"/{SERVICE}/"
 
 
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps each method's handler once (the first time it is called) and keeps the wrapped handler:
+    the per-call work is the token lookup, the call itself and its log line."""
+
     def __init__(self, authenticator: Authenticator):
         self._auth = authenticator
+        self._wrapped: dict[str, grpc.RpcMethodHandler | None] = {}
 
     async def intercept_service(self, continuation, handler_call_details):  # noqa: ANN001
-        handler = await continuation(handler_call_details)
         full_method = handler_call_details.method
+        try:
+            return self._wrapped[full_method]
+        except KeyError:
+            pass
+        handler = await continuation(handler_call_details)
         if handler is None or not full_method.startswith(_PREFIX):
-            return handler  # health and reflection are open
-        method = full_method[len(_PREFIX):]
-        metadata = dict(handler_call_details.invocation_metadata or ())
-        principal = self._auth.principal_for(metadata.get("authorization"))
-        refusal: tuple[grpc.StatusCode, str] | None = None
-        if principal is None:
-            refusal = (grpc.StatusCode.UNAUTHENTICATED, "missing or unknown bearer token")
-        elif not allowed(principal.role, method):
-            refusal = (grpc.StatusCode.PERMISSION_DENIED, f"role {principal.role} may not call {method}")
-        request_id = metadata.get("x-request-id") or uuid.uuid4().hex[:16]
-        call = _Call(method, principal, refusal, request_id)
+            return handler  # health, reflection and unknown methods: as they are
+        wrapped = self._wrap(full_method[len(_PREFIX):], handler)
+        self._wrapped[full_method] = wrapped
+        return wrapped
+
+    def _wrap(self, method: str, handler):  # noqa: ANN001, ANN202
+        guard = _Guard(method, self._auth)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                call.wrap_unary(handler.unary_unary),
+                guard.wrap_unary(handler.unary_unary),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                call.wrap_stream(handler.unary_stream),
+                guard.wrap_stream(handler.unary_stream),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         return handler
 
 
+_request_numbers = itertools.count(1)
+_PROCESS_TAG = os.urandom(4).hex()  # request ids are unique across processes and restarts
+
+
+def _new_request_id() -> str:
+    return f"{_PROCESS_TAG}{next(_request_numbers):08x}"
+
+
 class _Call:
+    """One call of a method: who made it, whether it is refused, its request id."""
+
+    __slots__ = ("method", "principal", "refusal", "request_id")
+
     def __init__(self, method: str, principal: Principal | None, refusal, request_id: str):  # noqa: ANN001
         self.method = method
         self.principal = principal
         self.refusal = refusal
         self.request_id = request_id
 
-    async def _enter(self, context) -> None:  # noqa: ANN001
-        if self.refusal is not None:
-            await context.abort(*self.refusal)
-        assert self.principal is not None
-        current_principal.set(self.principal)
 
-    async def _fail(self, context, exc: Exception) -> None:  # noqa: ANN001
+class _Guard:
+    """Authentication, roles, error mapping and the log line around one method's behaviour."""
+
+    def __init__(self, method: str, authenticator: Authenticator):
+        self.method = method
+        self._auth = authenticator
+
+    def _begin(self, context) -> _Call:  # noqa: ANN001
+        authorization = request_id = None
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization":
+                authorization = value
+            elif key == "x-request-id":
+                request_id = value
+        principal = self._auth.principal_for(authorization)
+        refusal: tuple[grpc.StatusCode, str] | None = None
+        if principal is None:
+            refusal = (grpc.StatusCode.UNAUTHENTICATED, "missing or unknown bearer token")
+        elif not allowed(principal.role, self.method):
+            refusal = (grpc.StatusCode.PERMISSION_DENIED, f"role {principal.role} may not call {self.method}")
+        return _Call(self.method, principal, refusal, request_id or _new_request_id())
+
+    @staticmethod
+    async def _enter(call: _Call, context) -> None:  # noqa: ANN001
+        if call.refusal is not None:
+            await context.abort(*call.refusal)
+        assert call.principal is not None
+        current_principal.set(call.principal)
+
+    @staticmethod
+    async def _fail(call: _Call, context, exc: Exception) -> None:  # noqa: ANN001
         """A DomainError becomes its status; an abort already under way goes on; anything else is
         logged once, with its traceback, and the caller gets INTERNAL with the request id."""
         if _is_abort(exc):
@@ -77,10 +119,11 @@ class _Call:
         if isinstance(exc, DomainError):
             status = to_status(exc)
             await context.abort(status.code, status.details, status.trailing_metadata)
-        log.exception("unhandled error", method=self.method, request_id=self.request_id)
-        await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {self.request_id})")
+        log.exception("unhandled error", method=call.method, request_id=call.request_id)
+        await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {call.request_id})")
 
-    def _log(self, context, started: float, cancelled: bool = False) -> None:  # noqa: ANN001
+    @staticmethod
+    def _log(call: _Call, context, started: float, cancelled: bool = False) -> None:  # noqa: ANN001
         code = context.code()
         if cancelled or (code is None and context.cancelled()):
             name = "CANCELLED"  # the caller went away or its deadline passed
@@ -88,33 +131,35 @@ class _Call:
             name = code.name if isinstance(code, grpc.StatusCode) else ("OK" if code is None else str(code))
         log.info(
             "rpc",
-            method=self.method,
-            principal=self.principal.name if self.principal else None,
+            method=call.method,
+            principal=call.principal.name if call.principal else None,
             status=name,
             duration_ms=round((time.perf_counter() - started) * 1000, 2),
-            request_id=self.request_id,
+            request_id=call.request_id,
         )
 
     def wrap_unary(self, behavior):  # noqa: ANN001
         async def unary(request, context):  # noqa: ANN001
             started = time.perf_counter()
+            call = self._begin(context)
             try:
-                await self._enter(context)
+                await self._enter(call, context)
                 try:
                     return await behavior(request, context)
                 except Exception as exc:  # noqa: BLE001 - mapped to a status; aborts pass through
-                    await self._fail(context, exc)
+                    await self._fail(call, context, exc)
             finally:
-                self._log(context, started)
+                self._log(call, context, started)
 
         return unary
 
     def wrap_stream(self, behavior):  # noqa: ANN001
         async def stream(request, context):  # noqa: ANN001
             started = time.perf_counter()
+            call = self._begin(context)
             cancelled = False
             try:
-                await self._enter(context)
+                await self._enter(call, context)
                 try:
                     async for item in behavior(request, context):
                         yield item
@@ -122,9 +167,9 @@ class _Call:
                     cancelled = True
                     raise
                 except Exception as exc:  # noqa: BLE001 - mapped to a status; aborts pass through
-                    await self._fail(context, exc)
+                    await self._fail(call, context, exc)
             finally:
-                self._log(context, started, cancelled)
+                self._log(call, context, started, cancelled)
 
         return stream
 
