@@ -196,3 +196,27 @@ def test_a_write_without_deferred_work_is_committed_and_reads_open_no_transactio
         # in a transaction now() would be its start, before this statement's own time
         assert conn.exec_driver_sql("SELECT now() = statement_timestamp()").scalar_one()
         assert conn.exec_driver_sql(f"SELECT last_movement_at IS NOT NULL FROM accounts WHERE id = {MEMBER}").scalar_one()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("db", ["postgresql"], indirect=True)
+def test_a_transfer_sends_its_transaction_and_postings_with_the_commit(db: Database) -> None:
+    other = member_account(2)
+    txn = NewTransaction(PostingType.MEMBER_TRANSFER, "Table money", "test",
+                         [Leg(MEMBER, -400, other, must_stay_non_negative=True), Leg(other, 400, MEMBER)],
+                         rows_at_commit=True)
+    booked: list = []
+    sent = _statements_sent(db, lambda conn: booked.append(book(conn, txn)))
+    assert booked[0].transaction_id == 0 and booked[0].balances_after == {MEMBER: 600, other: 400}
+    # the debit (with BEGIN), the credit (the member's row did not exist: a lookup and its creation
+    # come between), then one statement with the transaction row, both postings and COMMIT
+    assert sent[0].startswith("BEGIN ISOLATION LEVEL READ COMMITTED; EXECUTE pay_")
+    assert re.fullmatch(r"EXECUTE pay_\w+\(.*\); COMMIT", sent[-1], re.S)
+    with db.engine.connect() as conn:
+        rows = conn.execute(select(postings.c.account_id, postings.c.amount_cents, postings.c.balance_after_cents,
+                                   postings.c.transaction_id, postings.c.created_at)
+                            .where(postings.c.description == "Table money")).all()
+    assert sorted((a, b, c) for a, b, c, _, _ in rows) == sorted([(MEMBER, -400, 600), (other, 400, 400)])
+    assert len({t for *_, t, _ in rows}) == 1 and len({at for *_, at in rows}) == 1
+    db.run(lambda conn: book(conn, txn))  # again: both rows existed this time
+    assert _state(db)[0] == 200

@@ -73,6 +73,9 @@ class NewTransaction:
     # together with the postings, so a hot organisation's row lock is held only through the
     # commit (a congress taking entries). Their balance-after is then not in Booked.balances_after.
     late_credits: bool = False
+    # The caller needs no transaction id (Booked.transaction_id is then 0): on PostgreSQL the
+    # transaction row and its postings go with the COMMIT, in the round trip that carries it.
+    rows_at_commit: bool = False
 
 
 @dataclass
@@ -170,10 +173,10 @@ def book(conn: Connection, txn: NewTransaction) -> Booked:
         balances[leg.account_id], locked_at = _apply_leg(conn, leg)
     now = locked_at or utcnow()  # after the last lock: the database's clock, or ours on SQLite
     reference = new_reference(txn.type)
-    if late and defers_sql(conn):
+    if (late or txn.rows_at_commit) and defers_sql(conn):
         # the transaction row, the late credits and every posting go with the COMMIT, in one round
         # trip: a hot organisation's row lock is held for that statement and the commit alone
-        _defer_late_pg(conn, txn, reference, early, late, balances)
+        _defer_late_pg(conn, txn, reference, early, late, balances, now)
         return Booked(0, reference, now, balances)  # the transaction id is known at commit only
     txn_id = conn.execute(
         _INSERT_TRANSACTION,
@@ -257,8 +260,10 @@ def _late_sql(n_early: int, n_late: int) -> PreparedSql:
         f"last_movement_at = %(at)s WHERE id = %(c{n}_account_id)s RETURNING balance_cents)"
         for n in range(n_late)
     ]
-    # materialised after every late UPDATE (it reads their rows), so after every lock
-    ctes.append(f"t AS MATERIALIZED (SELECT clock_timestamp() AS at FROM {', '.join(f'c{n}' for n in range(n_late))})")
+    if n_late:  # materialised after every late UPDATE (it reads their rows), so after every lock
+        ctes.append(f"t AS MATERIALIZED (SELECT clock_timestamp() AS at FROM {', '.join(f'c{n}' for n in range(n_late))})")
+    else:  # every lock was taken before: the time read after the last one
+        ctes.append("t AS (SELECT CAST(%(locked_at)s AS timestamptz) AS at)")
     tx_values = ", ".join(f"CAST(%(tx_{col})s AS {cast})" for col, cast in zip(_TRANSACTION_COLUMNS, _TRANSACTION_CASTS,
                                                                                 strict=True))
     ctes.append(f"tx AS (INSERT INTO transactions ({', '.join(_TRANSACTION_COLUMNS)}, created_at) "
@@ -288,9 +293,9 @@ def _late_sql(n_early: int, n_late: int) -> PreparedSql:
 
 
 def _defer_late_pg(conn: Connection, txn: NewTransaction, reference: str, early: list[tuple[int, Leg]],
-                   late: list[tuple[int, Leg]], balances: dict[int, int]) -> None:
+                   late: list[tuple[int, Leg]], balances: dict[int, int], locked_at: datetime) -> None:
     at = utcnow()
-    params: dict = {"at": at}
+    params: dict = {"at": at} if late else {"locked_at": locked_at}
     for col in _TRANSACTION_COLUMNS:
         params[f"tx_{col}"] = txn.type.value if col == "type" else (
             reference if col == "reference" else getattr(txn, col))

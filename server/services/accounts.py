@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Connection, select, update
+from sqlalchemy import Connection, bindparam, select, update
 
 from server.domain import validation
 from server.domain.errors import InvalidArgument, NotFound
@@ -115,21 +115,27 @@ def require_account(conn: Connection, acct_id: int) -> None:
             raise NotFound(f"organisation {ext} is not registered")
 
 
+_BALANCE_WITH_CARD = (
+    select(accounts.c.name, accounts.c.balance_cents, accounts.c.last_movement_at,
+           member_cards.c.auto_top_up_status, member_cards.c.auto_top_up_amount_cents)
+    .select_from(accounts.outerjoin(member_cards, member_cards.c.member_id == bindparam("card_member_id")))
+    .where(accounts.c.id == bindparam("account_id"))
+)
+_CARD = select(member_cards.c.auto_top_up_status, member_cards.c.auto_top_up_amount_cents).where(
+    member_cards.c.member_id == bindparam("card_member_id"))
+
+
 def get_balance(conn: Connection, acct_id: int) -> Balance:
-    require_account(conn, acct_id)
-    row = conn.execute(
-        select(accounts.c.name, accounts.c.balance_cents, accounts.c.last_movement_at).where(accounts.c.id == acct_id)
-    ).first()
-    status, auto_amount = AutoTopUpStatus.OFF, 0
+    """The account and, for a member, the auto top-up setting: one query when the account exists."""
     kind, ext = split_account_id(acct_id)
-    if kind == AccountKind.MEMBER:
-        card = conn.execute(
-            select(member_cards.c.auto_top_up_status, member_cards.c.auto_top_up_amount_cents).where(
-                member_cards.c.member_id == ext
-            )
-        ).first()
-        if card is not None:
-            status, auto_amount = AutoTopUpStatus(card.auto_top_up_status), card.auto_top_up_amount_cents
+    card_member_id = ext if kind == AccountKind.MEMBER else -1  # no card row has a negative member id
+    row = conn.execute(_BALANCE_WITH_CARD, {"account_id": acct_id, "card_member_id": card_member_id}).first()
     if row is None:
+        if kind == AccountKind.ORGANISATION:
+            raise NotFound(f"organisation {ext} is not registered")
+        card = conn.execute(_CARD, {"card_member_id": card_member_id}).first()  # a member before first use
+        status, auto_amount = (AutoTopUpStatus(card[0]), card[1]) if card is not None else (AutoTopUpStatus.OFF, 0)
         return Balance(acct_id, "", 0, None, status, auto_amount)
-    return Balance(acct_id, row.name, row.balance_cents, as_utc(row.last_movement_at), status, auto_amount)
+    status = AutoTopUpStatus(row.auto_top_up_status) if row.auto_top_up_status is not None else AutoTopUpStatus.OFF
+    return Balance(acct_id, row.name, row.balance_cents, as_utc(row.last_movement_at), status,
+                   row.auto_top_up_amount_cents or 0)

@@ -118,6 +118,7 @@ def pay_from_balance(conn: Connection, cmd: PayCommand, payment_id: str | None =
                 # an organisation's balance is not needed here: credit it at the commit, so a
                 # congress taking entries does not serialise every payment on its row lock
                 late_credits=cmd.organisation_id is not None,
+                rows_at_commit=True,  # a payment needs no transaction id
             ),
         )
     except InsufficientFunds:

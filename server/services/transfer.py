@@ -76,6 +76,7 @@ def transfer(conn: Connection, cmd: TransferCommand, transfer_id: str | None = N
                 Leg(from_acct, -cmd.amount_cents, to_acct, must_stay_non_negative=True),
                 Leg(to_acct, cmd.amount_cents, from_acct),
             ],
+            rows_at_commit=True,  # a transfer needs no transaction id
         ),
     )
     from_balance = booked.balances_after[from_acct]
