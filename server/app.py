@@ -110,6 +110,16 @@ class PaymentsServer:
         await self.stop()
 
 
+def new_event_loop(kind: str = "uvloop") -> asyncio.AbstractEventLoop:
+    """The server's event loop: uvloop (libuv) by default. Under load it cut the server's CPU per
+    Pay by about a fifth against the standard library's loop (README, Performance)."""
+    if kind == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
 def main() -> None:
     configure_logging()
     settings = Settings.from_env()
@@ -119,4 +129,5 @@ def main() -> None:
         raise SystemExit(str(exc)) from exc
     if not settings.auth_tokens:
         log.warning("PAYMENTS_AUTH_TOKENS is empty: every call will be refused")
-    asyncio.run(PaymentsServer(settings).serve_forever())
+    with asyncio.Runner(loop_factory=lambda: new_event_loop(settings.event_loop)) as runner:
+        runner.run(PaymentsServer(settings).serve_forever())

@@ -16,6 +16,14 @@ def _int(name: str, default: int) -> int:
         raise SystemExit(f"{name} must be an integer, got {raw!r}") from exc
 
 
+def _choice(name: str, allowed: tuple[str, ...]) -> str:
+    """One of `allowed` (the first when unset)."""
+    raw = (os.environ.get(name) or allowed[0]).strip().lower()
+    if raw not in allowed:
+        raise SystemExit(f"{name} must be one of {', '.join(allowed)}, got {raw!r}")
+    return raw
+
+
 DEFAULT_SQLITE_URL = "sqlite:///./var/payments.db"
 
 
@@ -34,6 +42,7 @@ class Settings:
     event_retention_days: int = 30
     event_poll_interval_ms: int = 1000  # the event stream's fallback poll when no wake-up comes
     shutdown_grace_s: int = 5
+    event_loop: str = "uvloop"  # or "asyncio" (the standard library's loop)
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -53,4 +62,5 @@ class Settings:
             event_retention_days=_int("PAYMENTS_EVENT_RETENTION_DAYS", 30),
             event_poll_interval_ms=_int("PAYMENTS_EVENT_POLL_INTERVAL_MS", 1000),
             shutdown_grace_s=_int("PAYMENTS_SHUTDOWN_GRACE_S", 5),
+            event_loop=_choice("PAYMENTS_EVENT_LOOP", ("uvloop", "asyncio")),
         )

@@ -22,7 +22,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from clients.payments_client import PaymentsClient
-from server.app import PaymentsServer
+from server.app import PaymentsServer, new_event_loop
 from server.config import Settings
 from server.ledger.db import Database
 
@@ -113,8 +113,9 @@ class RunningServer:
 def run_in_own_loop(start: Callable[[], Awaitable[int]], name: str) -> tuple[asyncio.AbstractEventLoop,
                                                                              threading.Thread, int]:
     """Run `start()` (which returns the bound port) on a new event loop in a daemon thread, then
-    keep that loop running; returns once started (or re-raises what stopped the start)."""
-    loop = asyncio.new_event_loop()
+    keep that loop running; returns once started (or re-raises what stopped the start). The loop is
+    the server's own kind (uvloop), so the tests exercise what runs in production."""
+    loop = new_event_loop()
     ready: dict = {}
 
     def run() -> None:

@@ -1,0 +1,31 @@
+"""Settings from the environment: the event loop the server runs on."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import uvloop
+
+from server.app import new_event_loop
+from server.config import Settings
+
+
+def test_the_server_runs_on_uvloop_unless_told_otherwise(monkeypatch) -> None:  # noqa: ANN001
+    monkeypatch.delenv("PAYMENTS_EVENT_LOOP", raising=False)
+    assert Settings.from_env().event_loop == "uvloop"
+    monkeypatch.setenv("PAYMENTS_EVENT_LOOP", " AsyncIO ")
+    assert Settings.from_env().event_loop == "asyncio"
+    for kind, expected in (("uvloop", uvloop.Loop), ("asyncio", asyncio.BaseEventLoop)):
+        loop = new_event_loop(kind)
+        try:
+            assert isinstance(loop, expected)
+            assert (kind == "uvloop") == isinstance(loop, uvloop.Loop)
+        finally:
+            loop.close()
+
+
+def test_an_unknown_event_loop_stops_the_start_with_a_clear_message(monkeypatch) -> None:  # noqa: ANN001
+    monkeypatch.setenv("PAYMENTS_EVENT_LOOP", "trio")
+    with pytest.raises(SystemExit, match="PAYMENTS_EVENT_LOOP must be one of uvloop, asyncio, got 'trio'"):
+        Settings.from_env()
