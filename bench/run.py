@@ -8,7 +8,6 @@ invariants after every scenario, prints a table and writes JSON and a PNG under 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import platform
 import sys
@@ -152,9 +151,9 @@ def run_scenarios(plan: Plan, db: BenchDatabase, results: dict, servers: list, n
         procs = on or servers[:n_servers]
         where = [s.target for s in procs]
         if warmup_s:
-            asyncio.run(load.closed_loop(where, call, in_flight=in_flight, duration_s=warmup_s))
+            load.run(load.closed_loop(where, call, in_flight=in_flight, duration_s=warmup_s))
         before = sum(s.cpu_s() for s in procs)
-        samples = asyncio.run(load.closed_loop(where, call, in_flight=in_flight, duration_s=duration_s))
+        samples = load.run(load.closed_loop(where, call, in_flight=in_flight, duration_s=duration_s))
         cpu_used[0] = sum(s.cpu_s() for s in procs) - before
         return samples
 
@@ -207,7 +206,7 @@ def newest_sequence(db: BenchDatabase) -> int:
 def run_delivery(plan: Plan, db: BenchDatabase, results: dict, servers: list, server_env: dict, record) -> None:  # noqa: ANN001
     rows = results["scenarios"]
     orgs = list(range(1, plan.seed.organisations + 1))
-    ok, why = asyncio.run(load.subscribe_available(servers[0].target, newest_sequence(db)))
+    ok, why = load.run(load.subscribe_available(servers[0].target, newest_sequence(db)))
     if not ok:
         for name in ("delivery_one_process", "delivery_two_processes"):
             rows[name] = {"skipped": f"Subscribe not available on this server ({why})"}
@@ -219,7 +218,7 @@ def run_delivery(plan: Plan, db: BenchDatabase, results: dict, servers: list, se
         second.start()
     for name, sub_target in (("delivery_one_process", servers[0].target),
                              ("delivery_two_processes", servers[1].target)):
-        s = asyncio.run(load.delivery(servers[0].target, sub_target, subscribers=plan.subscribers,
+        s = load.run(load.delivery(servers[0].target, sub_target, subscribers=plan.subscribers,
                                       after_sequence=newest_sequence(db), members=plan.seed.members, organisations=orgs,
                                       rate_per_s=plan.delivery_rate_per_s, duration_s=plan.delivery_s))
         if s.errors:

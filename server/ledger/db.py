@@ -206,10 +206,13 @@ def defers_sql(conn: Connection) -> bool:
 
 
 def defer_sql_text(conn: Connection, sql: bytes,
-                   on_error: Callable[[DBAPIError], Exception | None] | None = None) -> None:
+                   on_error: Callable[[DBAPIError], Exception | None] | None = None, *,
+                   locks_shared_row: bool = False) -> None:
     """Send `sql` (with its values in it) just before COMMIT, in the same round trip. `on_error`
-    may turn its failure into a domain error (nothing is committed either way)."""
-    conn.info.setdefault(DEFERRED_SQL, []).append((sql, on_error))
+    may turn its failure into a domain error (nothing is committed either way). Statements that
+    lock a row many transactions wait for (`locks_shared_row`) go after the others, right before
+    the COMMIT, so that the lock is held as briefly as can be."""
+    conn.info.setdefault(DEFERRED_SQL, []).append((sql, on_error, locks_shared_row))
 
 
 # ---------------------------------------------------------------- prepared statements (PostgreSQL)
@@ -308,13 +311,13 @@ def _write_deferred_sql(conn: Connection, *, commit: bool) -> None:
     pending = conn.info.pop(DEFERRED_SQL, None)
     if not pending:
         return
-    parts = [sql for sql, _ in pending]
+    parts = [sql for sql, _, late in pending if not late] + [sql for sql, _, late in pending if late]
     if commit:  # COMMIT in the same round trip: row locks go at once
         parts.append(b"COMMIT")
     try:  # values are in the text already: the driver must not look for placeholders
         conn.exec_driver_sql(b"; ".join(parts).decode(), execution_options={"no_parameters": True})
     except DBAPIError as exc:
-        for _, on_error in pending:
+        for _, on_error, _ in pending:
             mapped = on_error(exc) if on_error else None
             if mapped is not None:
                 raise mapped from exc

@@ -311,7 +311,7 @@ def _defer_late_pg(conn: Connection, txn: NewTransaction, reference: str, early:
             return NotFound(f"organisation {orgs} is not registered")
         return None
 
-    defer_sql_text(conn, _late_sql(len(early), len(late)).mogrify(conn, params), missing)
+    defer_sql_text(conn, _late_sql(len(early), len(late)).mogrify(conn, params), missing, locks_shared_row=bool(late))
 
 
 def balance_of(conn: Connection, acct_id: int) -> int | None:
