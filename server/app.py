@@ -4,6 +4,7 @@ reflection, graceful shutdown."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -54,6 +55,19 @@ def configure_logging() -> None:
     )
 
 
+# A young-generation collection every 20,000 allocations instead of 700: every call allocates
+# thousands of short-lived objects, and collecting them that often showed in the tail latency.
+GC_THRESHOLDS = (20_000, 50, 100)
+
+
+def tune_garbage_collector() -> None:
+    """Fewer collections, and none that walk what startup loaded (modules, tables, compiled
+    statements): it is moved out of the collector's sight once the server is up."""
+    gc.collect()  # what is garbage now is freed, not frozen
+    gc.set_threshold(*GC_THRESHOLDS)
+    gc.freeze()
+
+
 class PaymentsServer:
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -80,6 +94,7 @@ class PaymentsServer:
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self.server = server
         await self.servicer.on_server_start()
+        tune_garbage_collector()
         log.info("serving", addr=self.settings.grpc_addr, port=self.port, database=self.db.engine.dialect.name)
         return self.port
 

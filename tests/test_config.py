@@ -29,3 +29,12 @@ def test_an_unknown_event_loop_stops_the_start_with_a_clear_message(monkeypatch)
     monkeypatch.setenv("PAYMENTS_EVENT_LOOP", "trio")
     with pytest.raises(SystemExit, match="PAYMENTS_EVENT_LOOP must be one of uvloop, asyncio, got 'trio'"):
         Settings.from_env()
+
+
+def test_a_started_server_collects_garbage_less_often_and_not_what_startup_loaded(server) -> None:  # noqa: ANN001
+    import gc
+
+    from server.app import GC_THRESHOLDS
+
+    assert gc.get_threshold() == GC_THRESHOLDS
+    assert gc.get_freeze_count() > 10_000, "startup's objects are out of the collector's sight"
