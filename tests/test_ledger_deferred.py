@@ -222,3 +222,19 @@ def test_a_transfer_sends_its_transaction_and_postings_with_the_commit(db: Datab
     assert len({t for *_, t, _ in rows}) == 1 and len({at for *_, at in rows}) == 1
     db.run(lambda conn: book(conn, txn))  # again: both rows existed this time
     assert _state(db)[0] == 200
+
+
+def test_prepared_sql_numbers_each_named_value_once_and_keeps_literal_percent_signs() -> None:
+    from server.ledger.db import PreparedSql
+
+    stmt = PreparedSql("UPDATE accounts SET balance_cents = balance_cents + %(amount)s, name = 'a%%b' "
+                       "WHERE id = %(id)s AND balance_cents >= %(amount)s")
+    assert stmt.keys == ("amount", "id")
+    assert stmt.prepare_sql == (f"PREPARE {stmt.name} AS UPDATE accounts SET balance_cents = balance_cents + $1, "
+                                "name = 'a%b' WHERE id = $2 AND balance_cents >= $1")
+    assert stmt.execute_sql == f"EXECUTE {stmt.name}(%s, %s)"
+    assert stmt.values({"id": 7, "amount": 100, "unused": 1}) == (100, 7)
+    # the name follows the text: the same in every process, another for other text
+    assert PreparedSql("SELECT %(id)s").name != stmt.name
+    assert PreparedSql("UPDATE accounts SET balance_cents = balance_cents + %(amount)s, name = 'a%%b' "
+                       "WHERE id = %(id)s AND balance_cents >= %(amount)s").name == stmt.name
