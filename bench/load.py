@@ -125,6 +125,38 @@ class ServerProcess:
             pass
 
 
+class Profiler:
+    """py-spy recording a server process for `duration_s`: a flame graph (SVG) of where its Python
+    held the interpreter lock, sampled without pausing it."""
+
+    def __init__(self, server: ServerProcess, out: Path, duration_s: float):
+        self.out = out
+        out.parent.mkdir(parents=True, exist_ok=True)
+        spy = Path(sys.executable).parent / "py-spy"
+        self.proc: subprocess.Popen | None = None
+        self.problem = ""
+        if server.proc is None or not spy.exists():
+            self.problem = "py-spy is not installed" if server.proc is not None else "no server process"
+            return
+        self.proc = subprocess.Popen(
+            [str(spy), "record", "--gil", "--nonblocking", "--rate", "200", "--format", "flamegraph",
+             "--output", str(out), "--pid", str(server.proc.pid), "--duration", str(max(1, round(duration_s)))],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def finish(self) -> str:
+        """The SVG's path, or why there is none (py-spy may not be allowed to attach here)."""
+        if self.proc is None:
+            return f"not profiled: {self.problem}"
+        try:
+            _, err = self.proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return "not profiled: py-spy did not finish"
+        if self.proc.returncode != 0 or not self.out.exists():
+            return f"not profiled: {(err or '').strip().splitlines()[-1:] or ['py-spy failed']}"
+        return self.out.name  # beside the run's JSON
+
+
 Call = Callable[[pb_grpc.PaymentsServiceStub, random.Random], Awaitable[object]]
 
 

@@ -67,12 +67,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="extra environment for the server processes, e.g. PAYMENTS_DB_THREADS=8")
     parser.add_argument("--only", default="", help="comma-separated scenario prefixes to run (default: all)")
     parser.add_argument("--out", default="", help="results file stem (default: bench-<mode>-<time>)")
+    parser.add_argument("--profile", action="store_true",
+                        help="record the server with py-spy during the Pay scenarios: <stem>-<scenario>.svg flame graphs "
+                             "of where the server's Python holds the interpreter lock")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
     base_url = os.environ.get("PAYMENTS_BENCH_POSTGRES_URL", DEFAULT_URL)
     server_env = dict(item.split("=", 1) for item in args.server_env)
     only = [p for p in args.only.split(",") if p]
     started_at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    stem = args.out or f"bench-{plan.mode}-{started_at.replace(':', '')}"
     results: dict = {"mode": plan.mode, "started_at": started_at, "machine": machine(), "servers": args.servers,
                      "server_env": server_env, "plan": {k: str(v) for k, v in plan.__dict__.items()}, "scenarios": {}}
     t0 = time.perf_counter()
@@ -87,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{plan.seed.statement_postings} statement postings ...", flush=True)
         results["seed_s"] = round(db.seed(plan.seed), 1)
         print(f"seeded in {results['seed_s']} s", flush=True)
-        run_scenarios(plan, db, results, servers, args.servers, server_env, only)
+        run_scenarios(plan, db, results, servers, args.servers, server_env, only, stem if args.profile else "")
         results["final_check"] = db.check_invariants("the whole run", full=True)
     finally:
         for s in servers:
@@ -95,7 +99,6 @@ def main(argv: list[str] | None = None) -> int:
         db.drop()
     results["total_s"] = round(time.perf_counter() - t0, 1)
     results["targets"] = report.targets(results["scenarios"])
-    stem = args.out or f"bench-{plan.mode}-{started_at.replace(':', '')}"
     json_path = report.write_json(results, stem)
     png_path = report.draw_png(results, stem)
     m = results["machine"]
@@ -109,8 +112,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_scenarios(plan: Plan, db: BenchDatabase, results: dict, servers: list, n_servers: int,
-                  server_env: dict, only: list[str]) -> None:
+                  server_env: dict, only: list[str], profile_stem: str = "") -> None:
     rows = results["scenarios"]
+    profiles: dict[str, str] = {}  # scenario -> its flame graph (or why there is none)
     orgs = list(range(1, plan.seed.organisations + 1))
     members = plan.seed.members
 
@@ -125,8 +129,11 @@ def run_scenarios(plan: Plan, db: BenchDatabase, results: dict, servers: list, n
         row["throughput"] = throughput
         row["note"] = note
         row["invariants"] = db.check_invariants(name)
+        if name in profiles:
+            row["profile"] = profiles.pop(name)
         rows[name] = row
         cpu = f", server CPU {row['server_cpu_ms_per_op']} ms/op" if "server_cpu_ms_per_op" in row else ""
+        cpu += f", profile {row['profile']}" if "profile" in row else ""
         print(f"  {name:<26} {row['per_s']:>8.0f}/s  p50 {row['p50_ms']} ms  p99 {row['p99_ms']} ms{cpu}  "
               f"(invariants ok, {row['invariants']['check_s']} s)", flush=True)
 
@@ -146,23 +153,29 @@ def run_scenarios(plan: Plan, db: BenchDatabase, results: dict, servers: list, n
     cpu_used: list[float] = [0.0]
 
     def closed(call, duration_s: float, in_flight: int = flight, warmup_s: float = 0.0,  # noqa: ANN001, ANN202
-               on: list | None = None):
-        """Run a closed loop; the server CPU it cost (measured part only) goes to cpu_used[0]."""
+               on: list | None = None, profile_as: str = ""):
+        """Run a closed loop; the server CPU it cost (measured part only) goes to cpu_used[0]. With
+        `profile_as` (and --profile), the first server is recorded with py-spy meanwhile."""
         procs = on or servers[:n_servers]
         where = [s.target for s in procs]
         if warmup_s:
             load.run(load.closed_loop(where, call, in_flight=in_flight, duration_s=warmup_s))
+        spy = None
+        if profile_as and profile_stem:
+            spy = load.Profiler(procs[0], report.RESULTS_DIR / f"{profile_stem}-{profile_as}.svg", duration_s)
         before = sum(s.cpu_s() for s in procs)
         samples = load.run(load.closed_loop(where, call, in_flight=in_flight, duration_s=duration_s))
         cpu_used[0] = sum(s.cpu_s() for s in procs) - before
+        if spy is not None:
+            profiles[profile_as] = spy.finish()
         return samples
 
     # 2-3. Pay
     if wanted("pay_spread"):
-        s = closed(load.pay_call(members, orgs), plan.pay_s, warmup_s=plan.warmup_s)
+        s = closed(load.pay_call(members, orgs), plan.pay_s, warmup_s=plan.warmup_s, profile_as="pay_spread")
         record("pay_spread", s, note=f"gRPC, {flight} in flight, {len(orgs)} organisations", server_cpu_s=cpu_used[0])
     if wanted("pay_hot"):
-        s = closed(load.pay_call(members, orgs[:1]), plan.pay_s, warmup_s=plan.warmup_s)
+        s = closed(load.pay_call(members, orgs[:1]), plan.pay_s, warmup_s=plan.warmup_s, profile_as="pay_hot")
         record("pay_hot", s, note=f"gRPC, {flight} in flight, one organisation", server_cpu_s=cpu_used[0])
     # 4. Transfer, GetBalance, GetStatement
     if wanted("transfer"):

@@ -27,7 +27,7 @@ def test_bench_quick_runs_and_the_invariants_hold() -> None:
         pytest.skip(f"PostgreSQL unreachable: {problem}")
     stem = f"test-quick-{uuid.uuid4().hex[:8]}"
     env = dict(os.environ, PAYMENTS_BENCH_POSTGRES_URL=PG_URL)
-    proc = subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--out", stem], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--profile", "--out", stem], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=240)
     results = ROOT / "bench" / "results"
     try:
@@ -45,8 +45,13 @@ def test_bench_quick_runs_and_the_invariants_hold() -> None:
         for name in ("delivery_one_process", "delivery_two_processes"):
             assert rows[name].get("skipped") or rows[name]["count"] > 0, name
         assert "x floor" in proc.stdout  # the table was printed
+        for name in ("pay_spread", "pay_hot"):  # --profile: a flame graph, or why py-spy could not attach
+            profile = rows[name]["profile"]
+            if not profile.startswith("not profiled: "):
+                assert profile == f"{stem}-{name}.svg"
+                assert (results / profile).read_text().lstrip().startswith("<?xml")
     finally:
-        for suffix in (".json", ".png"):
+        for suffix in (".json", ".png", "-pay_spread.svg", "-pay_hot.svg"):
             (results / f"{stem}{suffix}").unlink(missing_ok=True)
 
 
