@@ -127,7 +127,7 @@ class PaymentsServer:
 
 def new_event_loop(kind: str = "uvloop") -> asyncio.AbstractEventLoop:
     """The server's event loop: uvloop (libuv) by default. Under load it cut the server's CPU per
-    Pay by about a fifth against the standard library's loop (README, Performance)."""
+    Pay by 10 to 20 % against the standard library's loop (README, Performance)."""
     if kind == "uvloop":
         import uvloop
 
