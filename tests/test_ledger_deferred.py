@@ -238,3 +238,14 @@ def test_prepared_sql_numbers_each_named_value_once_and_keeps_literal_percent_si
     assert PreparedSql("SELECT %(id)s").name != stmt.name
     assert PreparedSql("UPDATE accounts SET balance_cents = balance_cents + %(amount)s, name = 'a%%b' "
                        "WHERE id = %(id)s AND balance_cents >= %(amount)s").name == stmt.name
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("db", ["postgresql"], indirect=True)
+def test_prepared_statements_are_prepared_again_on_a_new_connection(db: Database) -> None:
+    db.run(lambda conn: book(conn, _pay(100)))  # prepares on the pooled connection
+    with db.engine.connect() as conn:
+        conn.invalidate()  # the next checkout opens a new database session, which has nothing prepared
+    db.engine.dispose()
+    db.run(lambda conn: book(conn, _pay(100)))
+    assert _state(db) == (800, 200, 6, 0)
