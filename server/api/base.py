@@ -57,12 +57,15 @@ class ApiBase:
         return response
 
     async def mutate_once(self, context, method: str, request: Message, response_type: type[M],  # noqa: ANN001
-                          work: Callable[[Connection], M], *, optimistic: bool = False) -> tuple[M, bool]:
+                          work: Callable[[Connection], M], *, optimistic: bool = False,
+                          first_try: Callable[[idempotency.Pending], M | None] | None = None) -> tuple[M, bool]:
         """`mutate`, answering (response, replayed). With `optimistic` (for work that only touches
         the database), where the record is written with the COMMIT the stored response is not looked
         up first: a repeated key fails the commit on the record's unique key, the attempt rolls back
         whole, and the request runs again the careful way (as does any refusal, which may be a
-        repeat of a request that succeeded): one round trip less for every first request."""
+        repeat of a request that succeeded): one round trip less for every first request.
+        `first_try` (PostgreSQL) does the whole request and its record in one statement, or answers
+        None having changed nothing; the ways above follow only then."""
         key = request.idempotency_key  # type: ignore[attr-defined]
         idempotency.check_key(key)
         principal = self.principal()
@@ -83,6 +86,10 @@ class ApiBase:
         def run() -> M:
             token = current_principal.set(principal)
             try:
+                if first_try is not None and self.db.records_with_commit:
+                    response = first_try(idempotency.Pending(principal.name, key, method, req_hash))
+                    if response is not None:
+                        return response
                 if optimistic and self.db.records_with_commit:
                     try:
                         return self.db.run(work_then_record)

@@ -12,6 +12,7 @@ from cobalt.payments.v1 import payments_pb2 as pb
 from server.api import convert
 from server.api.base import ApiBase, M
 from server.domain.errors import InsufficientFunds
+from server.ledger import idempotency
 from server.services import accounts, adjust, pay, statements, transfer
 
 
@@ -46,13 +47,20 @@ class LedgerApi(ApiBase):
 
     async def Pay(self, request: pb.PayRequest, context) -> pb.PayResponse:  # noqa: ANN001, N802
         cmd = self.pay_command(request)
+
+        def in_one_statement(record: idempotency.Pending) -> pb.PayResponse | None:
+            result = pay.pay_in_one_statement(self.db, cmd, record, self.pay_response)
+            return None if result is None else self.pay_response(result)
+
         return await self.book_from_balance(
             context, "Pay", request, pb.PayResponse, lambda conn: pay.pay_from_balance(conn, cmd),
-            self.pay_response, cmd.member_id, lambda short: self.pay_when_short(context, request, cmd, short))
+            self.pay_response, cmd.member_id, lambda short: self.pay_when_short(context, request, cmd, short),
+            first_try=in_one_statement if pay.in_one_statement(cmd) else None)
 
     async def book_from_balance(self, context, method: str, request, response_type: type[M],  # noqa: ANN001
                                 book: Callable[[Connection], Any], to_pb: Callable[[Any], M], payer_member_id: int | None,
-                                when_short: Callable[[InsufficientFunds], Awaitable[M]]) -> M:
+                                when_short: Callable[[InsufficientFunds], Awaitable[M]],
+                                first_try: Callable[[idempotency.Pending], M | None] | None = None) -> M:
         """Pay and Transfer: book from the balance once per idempotency key; when the balance is
         short hand over to `when_short`; after a booking that left the payer below the low limit
         with auto top-up ON, top up (after the commit: Stripe is never called inside a transaction)."""
@@ -64,7 +72,8 @@ class LedgerApi(ApiBase):
             return to_pb(result)
 
         try:
-            response, replayed = await self.mutate_once(context, method, request, response_type, work, optimistic=True)
+            response, replayed = await self.mutate_once(context, method, request, response_type, work, optimistic=True,
+                                                        first_try=first_try)
         except InsufficientFunds as short:
             return await when_short(short)
         # the last booking is the committed one, unless the answer is a replay (then none was)

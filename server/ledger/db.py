@@ -243,9 +243,12 @@ class PreparedSql:
 
     def ensure(self, conn: Connection) -> None:
         """PREPARE it in this connection's session unless done (a PREPARE outlives any rollback)."""
-        prepared = conn.connection.info.setdefault(_PREPARED_ON_CONNECTION, set())
+        self.ensure_on(conn.connection)
+
+    def ensure_on(self, pooled) -> None:  # noqa: ANN001 - a pooled connection (engine.raw_connection())
+        prepared = pooled.info.setdefault(_PREPARED_ON_CONNECTION, set())
         if self.name not in prepared:
-            with conn.connection.dbapi_connection.cursor() as cur:  # type: ignore[union-attr]
+            with pooled.dbapi_connection.cursor() as cur:
                 cur.execute(self.prepare_sql)
             prepared.add(self.name)
 
@@ -400,7 +403,7 @@ class Database:
                     result = fn(conn)
                     events_written = conn.info.pop(EVENTS_WRITTEN, 0)
                 if events_written:
-                    self._events_committed()
+                    self.events_committed()
                 return result
             except DBAPIError as exc:
                 if _is_retryable(exc) and attempt < retries:
@@ -413,7 +416,7 @@ class Database:
                     raise Unavailable("the database is unavailable") from exc
                 raise
 
-    def _events_committed(self) -> None:
+    def events_committed(self) -> None:
         for hook in self.after_events_committed:
             try:
                 hook()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+from google.protobuf.message import Message
 from sqlalchemy import Connection, bindparam, insert, select
 
 from server.domain.errors import AlreadyExists, InvalidArgument
@@ -24,6 +25,19 @@ def check_key(key: str) -> None:
         raise InvalidArgument.field("idempotency_key", "is required (1-255 characters)")
     if len(key) > MAX_IDEMPOTENCY_KEY_CHARS:
         raise InvalidArgument.field("idempotency_key", f"is longer than {MAX_IDEMPOTENCY_KEY_CHARS} characters")
+
+
+@dataclass(frozen=True)
+class Pending:
+    """The record a first request will leave: whose key, for which request."""
+
+    principal: str
+    key: str
+    method: str
+    request_hash: str
+
+    def values(self) -> dict:
+        return {"principal": self.principal, "key": self.key, "method": self.method, "request_hash": self.request_hash}
 
 
 @dataclass(frozen=True)
@@ -57,3 +71,28 @@ def record(conn: Connection, principal: str, key: str, method: str, req_hash: st
         {"principal": principal, "key": key, "method": method, "request_hash": req_hash, "response": response,
          "created_at": utcnow()},
     )
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 127:
+        out.append((value & 127) | 128)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def response_around(response: Message, field: str) -> tuple[bytes, bytes]:
+    """The stored form of `response` with an integer `field` the database fills in (a balance after):
+    (what comes before the field's value, what comes after). The value goes between them as a
+    varint; with a value that is not zero the three together are the response's deterministic
+    serialisation (fields in number order)."""
+    number = response.DESCRIPTOR.fields_by_name[field].number
+    head, tail = type(response)(), type(response)()
+    head.CopyFrom(response)
+    tail.CopyFrom(response)
+    for descriptor, _ in response.ListFields():
+        (tail if descriptor.number <= number else head).ClearField(descriptor.name)
+        if descriptor.number == number:
+            head.ClearField(descriptor.name)
+    return head.SerializeToString(deterministic=True) + _varint(number << 3), tail.SerializeToString(deterministic=True)
