@@ -89,9 +89,11 @@ def _sql() -> PreparedSql:
         f"rec AS (INSERT INTO idempotency_keys ({', '.join(_RECORD_COLUMNS)}, response, created_at) "
         f"SELECT {record}, CAST(%(response_head)s AS bytea) || {_VARINT_OF_BALANCE} || CAST(%(response_tail)s AS bytea), "
         "%(at)s FROM d RETURNING 1) "
-        # every row written, or the statement fails whole (the cast fails only when rows are missing)
-        "SELECT d.balance_cents, CASE WHEN (SELECT count(*) FROM ins) = 2 AND (SELECT count(*) FROM ev) = 1 "
-        "AND (SELECT count(*) FROM rec) = 1 THEN 0 "
+        # Every row written, or the statement fails whole (the cast fails only when rows are missing).
+        # The event and the record are written first, the postings (after the organisation's lock)
+        # last: the organisation's row stays locked for the postings and the commit alone.
+        "SELECT d.balance_cents, CASE WHEN (SELECT count(*) FROM ev) = 1 AND (SELECT count(*) FROM rec) = 1 "
+        "AND (SELECT count(*) FROM ins) = 2 THEN 0 "
         f"ELSE CAST((SELECT count(*) FROM ins)::text || ':{_MISSING_MARK}' AS integer) END FROM d"
     )
 
