@@ -45,13 +45,14 @@ def admin(server) -> PaymentsClient:  # noqa: ANN001
 def one_statement_results(monkeypatch) -> list:  # noqa: ANN001
     """What each try of the one statement answered (a balance, or None: it changed nothing)."""
     seen: list = []
-    real = one_statement.book_member_payment
+    real = one_statement.book_member_payments
 
-    def spy(db, payment):  # noqa: ANN001, ANN202
-        seen.append(real(db, payment))
-        return seen[-1]
+    def spy(db, payments, default_low_limit_cents):  # noqa: ANN001, ANN202
+        answers = real(db, payments, default_low_limit_cents)
+        seen.extend(answers)
+        return answers
 
-    monkeypatch.setattr(one_statement, "book_member_payment", spy)
+    monkeypatch.setattr(one_statement, "book_member_payments", spy)
     return seen
 
 

@@ -17,6 +17,10 @@ from server.services import accounts, adjust, pay, statements, transfer
 
 
 class LedgerApi(ApiBase):
+    def __init__(self, settings, db, executor):  # noqa: ANN001
+        super().__init__(settings, db, executor)
+        self.pay_batcher = pay.new_batcher(db)
+
     # ---------------------------------------------------------------- Pay
     def pay_command(self, request: pb.PayRequest) -> pay.PayCommand:
         payee = request.WhichOneof("payee")
@@ -49,7 +53,7 @@ class LedgerApi(ApiBase):
         cmd = self.pay_command(request)
 
         def in_one_statement(record: idempotency.Pending) -> pb.PayResponse | None:
-            result = pay.pay_in_one_statement(self.db, cmd, record, self.pay_response)
+            result = pay.pay_in_one_statement(self.pay_batcher, cmd, record, self.pay_response)
             return None if result is None else self.pay_response(result)
 
         return await self.book_from_balance(

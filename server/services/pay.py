@@ -16,7 +16,7 @@ from server.domain.types import EventKind, PostingType, member_account, organisa
 from server.events.outbox import NewEvent, emit
 from server.ledger import idempotency, one_statement
 from server.ledger.db import Database
-from server.ledger.ledger import Leg, NewTransaction, balance_of, book, new_reference, posting_row, transaction_values
+from server.ledger.ledger import Leg, NewTransaction, balance_of, book, new_reference
 from server.services.accounts import require_account
 from server.services.fees import DEFAULTS as DEFAULT_FEE_SETTINGS
 from server.services.low_balance import low_balance_check
@@ -154,38 +154,46 @@ def pay_from_balance(conn: Connection, cmd: PayCommand, payment_id: str | None =
 
 
 def in_one_statement(cmd: PayCommand) -> bool:
-    """Whether a Pay may first be tried as one statement (PostgreSQL): a booking to an organisation."""
+    """Whether a Pay may first be tried in one statement (PostgreSQL): a booking to an organisation."""
     return cmd.organisation_id is not None and not cmd.ensure_funds_only
 
 
-def pay_in_one_statement(db: Database, cmd: PayCommand, record: idempotency.Pending,
+def new_batcher(db: Database) -> one_statement.PaymentBatcher:
+    """One per process: Pays to one organisation that arrive together share a statement."""
+    return one_statement.PaymentBatcher(db, DEFAULT_FEE_SETTINGS.low_balance_limit_cents)
+
+
+def pay_in_one_statement(batcher: one_statement.PaymentBatcher, cmd: PayCommand, record: idempotency.Pending,
                          respond: Callable[[PayResult], Message]) -> PayResult | None:
     """The common Pay in one statement and one round trip (ledger.one_statement): booked, recorded
     under its idempotency key and committed; None when it changed nothing, and `pay_from_balance`
     must run in a unit of work. Only a member left at or above the current low-balance limit
     qualifies: the low-balance rule then has nothing to say (low_balance_check)."""
-    assert in_one_statement(cmd)
+    assert in_one_statement(cmd) and cmd.organisation_id is not None
     payment_id = new_payment_id()
-    txn = NewTransaction(
-        type=cmd.payment_type, description=cmd.description, principal=cmd.principal, payment_id=payment_id,
-        event_id=cmd.event_id, session_id=cmd.session_id,
-        legs=[Leg(member_account(cmd.member_id), -cmd.amount_cents, cmd.payee_account, must_stay_non_negative=True),
-              Leg(cmd.payee_account, cmd.amount_cents, member_account(cmd.member_id))],
-    )
-    reference = new_reference(txn.type)
-    event = cmd.success_event(payment_id, reference, 0)
+    reference = new_reference(cmd.payment_type)
     head, tail = idempotency.response_around(respond(PayResult(payment_id, 1, reference)), "balance_cents")
-    balance = one_statement.book_member_payment(db, one_statement.MemberPayment(
-        member_account_id=txn.legs[0].account_id,
-        organisation_account_id=txn.legs[1].account_id,
+    event = cmd.success_event(payment_id, reference, 0)
+    balance = batcher.book(one_statement.MemberPayment(
+        organisation_account_id=cmd.payee_account,
+        organisation_id=cmd.organisation_id,
+        member_account_id=member_account(cmd.member_id),
+        member_id=cmd.member_id,
         amount_cents=cmd.amount_cents,
-        default_low_limit_cents=DEFAULT_FEE_SETTINGS.low_balance_limit_cents,
-        transaction=transaction_values(txn, reference),
-        postings=(posting_row(txn, 0, reference, 1, txn.legs[0], 0, None),
-                  posting_row(txn, 0, reference, 2, txn.legs[1], 0, None)),
-        event={col: getattr(event, col) for col in one_statement.EVENT_COLUMNS if col not in ("balance_cents", "created_at")}
-        | {"kind": event.kind.value},
-        record=record.values(),
+        type=cmd.payment_type.value,
+        description=cmd.description,
+        principal=cmd.principal,
+        payment_id=payment_id,
+        reference=reference,
+        event_id=cmd.event_id,
+        session_id=cmd.session_id,
+        event_kind=event.kind.value,
+        route_code=event.route_code,
+        route_payload=event.route_payload,
+        record_principal=record.principal,
+        record_key=record.key,
+        record_method=record.method,
+        record_request_hash=record.request_hash,
         response_head=head,
         response_tail=tail,
     ))
