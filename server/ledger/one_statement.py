@@ -73,7 +73,7 @@ class MemberPayment:
 
 # column of the input (one array each) -> its SQL type
 _INPUT = {
-    "n": "int", "member_account_id": "bigint", "member_id": "bigint", "amount_cents": "bigint", "type": "varchar",
+    "n": "int", "organisation_account_id": "bigint", "organisation_id": "bigint", "member_account_id": "bigint", "member_id": "bigint", "amount_cents": "bigint", "type": "varchar",
     "description": "varchar", "principal": "varchar", "payment_id": "varchar", "reference": "varchar",
     "event_id": "bigint", "session_id": "bigint", "event_kind": "varchar", "route_code": "varchar",
     "route_payload": "text", "record_principal": "varchar", "record_key": "varchar", "record_method": "varchar",
@@ -96,15 +96,20 @@ def _sql() -> PreparedSql:
         "FROM r, lim WHERE a.id = ANY(CAST(%(member_account_id)s AS bigint[])) AND a.id = r.member_account_id "
         "AND a.id IN (SELECT id FROM lk) AND a.balance_cents >= r.amount_cents + lim.cents "
         "RETURNING r.n, a.balance_cents), "
-        # the organisation last, once, with the sum of what was debited
-        "c AS (UPDATE accounts SET balance_cents = balance_cents + (SELECT sum(r.amount_cents) FROM d JOIN r USING (n)), "
-        "last_movement_at = %(at)s WHERE id = %(organisation_account_id)s AND EXISTS (SELECT 1 FROM d) "
-        "RETURNING balance_cents), "
-        "t AS MATERIALIZED (SELECT clock_timestamp() AS at FROM c), "
-        # the organisation's balance after each payment, in input order
+        # then the organisations, in id order, each credited once with the sum of what was debited
+        "s AS MATERIALIZED (SELECT r.organisation_account_id AS id, sum(r.amount_cents) AS amount_cents "
+        "FROM d JOIN r USING (n) GROUP BY 1), "
+        "lko AS MATERIALIZED (SELECT id FROM accounts WHERE id = ANY(CAST(%(organisation_account_id)s AS bigint[])) "
+        "AND id IN (SELECT id FROM s) ORDER BY id FOR UPDATE), "
+        "c AS (UPDATE accounts AS a SET balance_cents = a.balance_cents + s.amount_cents, last_movement_at = %(at)s "
+        "FROM s WHERE a.id = ANY(CAST(%(organisation_account_id)s AS bigint[])) AND a.id = s.id "
+        "AND a.id IN (SELECT id FROM lko) RETURNING a.id, a.balance_cents), "
+        "t AS MATERIALIZED (SELECT clock_timestamp() AS at FROM (SELECT count(*) FROM c) AS after_every_lock), "
+        # each organisation's balance after each of its payments, in input order
         "ok AS MATERIALIZED (SELECT r.*, d.balance_cents AS member_after_cents, c.balance_cents - COALESCE(sum(r.amount_cents) "
-        "OVER (ORDER BY r.n DESC ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS organisation_after_cents, t.at "
-        "FROM d JOIN r USING (n) CROSS JOIN c CROSS JOIN t), "
+        "OVER (PARTITION BY r.organisation_account_id ORDER BY r.n DESC ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), "
+        "0) AS organisation_after_cents, t.at "
+        "FROM d JOIN r USING (n) JOIN c ON c.id = r.organisation_account_id CROSS JOIN t), "
         "tx AS (INSERT INTO transactions (reference, type, description, principal, payment_id, batch_id, event_id, "
         "session_id, created_at) SELECT reference, type, description, principal, payment_id, NULL, event_id, session_id, "
         "at FROM ok ORDER BY n RETURNING id, reference), "
@@ -113,13 +118,13 @@ def _sql() -> PreparedSql:
         "SELECT tx.id, leg.account_id, leg.amount_cents, leg.balance_after_cents, leg.counterparty_account_id, "
         "ok.reference || leg.suffix, ok.type, ok.description, ok.payment_id, ok.event_id, ok.session_id, ok.at "
         "FROM ok JOIN tx USING (reference) CROSS JOIN LATERAL (VALUES "
-        "(ok.member_account_id, -ok.amount_cents, ok.member_after_cents, CAST(%(organisation_account_id)s AS bigint), '-1'), "
-        "(CAST(%(organisation_account_id)s AS bigint), ok.amount_cents, ok.organisation_after_cents, ok.member_account_id, '-2')"
+        "(ok.member_account_id, -ok.amount_cents, ok.member_after_cents, ok.organisation_account_id, '-1'), "
+        "(ok.organisation_account_id, ok.amount_cents, ok.organisation_after_cents, ok.member_account_id, '-2')"
         ") AS leg(account_id, amount_cents, balance_after_cents, counterparty_account_id, suffix) "
         "ORDER BY ok.n, leg.suffix RETURNING 1), "  # ids in the order of the balances after
         "ev AS (INSERT INTO outbox_events (kind, member_id, organisation_id, other_member_id, amount_cents, balance_cents, "
         "payment_id, reference, route_code, route_payload, reason, event_id, session_id, created_at) "
-        "SELECT r.event_kind, r.member_id, %(organisation_id)s, 0, r.amount_cents, d.balance_cents, r.payment_id, "
+        "SELECT r.event_kind, r.member_id, r.organisation_id, 0, r.amount_cents, d.balance_cents, r.payment_id, "
         "r.reference, r.route_code, r.route_payload, '', COALESCE(r.event_id, 0), COALESCE(r.session_id, 0), %(at)s "
         "FROM d JOIN r USING (n) ORDER BY r.n RETURNING 1), "
         "rec AS (INSERT INTO idempotency_keys (principal, key, method, request_hash, response, created_at) "
@@ -184,26 +189,22 @@ _PAY_ONE_SQL = _single_sql()
 
 
 def book_member_payments(db: Database, payments: list[MemberPayment], default_low_limit_cents: int) -> list[int | None]:
-    """Book `payments` (to one organisation) and commit them in one statement: for each, the
-    member's balance after, or None when it was left out (the careful path must run for it).
-    `default_low_limit_cents` is the low-balance limit while no fee settings were ever saved.
-    PostgreSQL only."""
+    """Book `payments` and commit them in one statement: for each, the member's balance after, or
+    None when it was left out (the careful path must run for it). `default_low_limit_cents` is the
+    low-balance limit while no fee settings were ever saved. PostgreSQL only."""
     assert payments and len(payments) <= MAX_BATCH
-    org = payments[0].organisation_account_id
-    assert all(p.organisation_account_id == org for p in payments), "one organisation per statement"
-    params: dict = {
-        "organisation_account_id": org, "organisation_id": payments[0].organisation_id, "at": utcnow(),
-        "default_low_limit_cents": default_low_limit_cents,
-        "n": list(range(len(payments))),
-    }
-    sql = _PAY_SQL if len(payments) > 1 else _PAY_ONE_SQL
-    for col in _INPUT:
-        if col != "n":
-            params[col] = [getattr(p, col) for p in payments]
-    params["response_head"] = [psycopg2.Binary(p.response_head) for p in payments]
-    params["response_tail"] = [psycopg2.Binary(p.response_tail) for p in payments]
-    if sql is _PAY_ONE_SQL:
-        params = {key: value[0] if isinstance(value, list) else value for key, value in params.items()}
+    one = len(payments) == 1
+    sql = _PAY_ONE_SQL if one else _PAY_SQL
+    params: dict = {"at": utcnow(), "default_low_limit_cents": default_low_limit_cents}
+    if one:
+        params.update({col: getattr(payments[0], col) for col in _INPUT if col != "n"})
+        params["response_head"] = psycopg2.Binary(payments[0].response_head)
+        params["response_tail"] = psycopg2.Binary(payments[0].response_tail)
+    else:
+        params.update({col: [getattr(p, col) for p in payments] for col in _INPUT if col != "n"})
+        params["n"] = list(range(len(payments)))
+        params["response_head"] = [psycopg2.Binary(p.response_head) for p in payments]
+        params["response_tail"] = [psycopg2.Binary(p.response_tail) for p in payments]
     fairy = db.engine.raw_connection()
     try:
         try:
@@ -232,52 +233,53 @@ class _Slot:
     done: bool = False
     balance: int | None = None
     error: BaseException | None = None
-
-
-@dataclass(eq=False)
-class _Queue:
-    waiting: list[_Slot] = field(default_factory=list)
+    batch: list[_Slot] | None = None  # set when this payment is to send the next statement
 
 
 class PaymentBatcher:
-    """Group commit per organisation, across the threads of one process: a payment to an
-    organisation with no statement in flight goes at once, alone; payments that arrive meanwhile
-    wait, and the first of them then sends them all (up to MAX_BATCH) in the next statement."""
+    """Group commit across the threads of one process. While fewer than `max_in_flight` statements
+    are in flight a payment goes at once, alone; otherwise it waits, and when a statement returns,
+    the first payment waiting sends every payment waiting (up to MAX_BATCH) in the next one. Under
+    load, payments share statements, row locks and commits (a hot organisation's most of all);
+    without load, none waits. One statement in flight per process measured best: 1,360-1,450 Pays/s
+    against 1,140-1,170 with two and 1,080 with eight (README, Performance)."""
 
-    def __init__(self, db: Database, default_low_limit_cents: int):
+    def __init__(self, db: Database, default_low_limit_cents: int, max_in_flight: int = 1):
         self.db = db
         self.default_low_limit_cents = default_low_limit_cents
+        self.max_in_flight = max_in_flight
         self._lock = threading.Lock()
-        self._busy: dict[int, _Queue] = {}  # organisation account -> payments waiting for its next statement
+        self._in_flight = 0
+        self._waiting: list[_Slot] = []
 
     def book(self, payment: MemberPayment) -> int | None:
         slot = _Slot(payment)
-        org = payment.organisation_account_id
         with self._lock:
-            queue = self._busy.get(org)
-            leads = queue is None
+            leads = self._in_flight < self.max_in_flight
             if leads:
-                queue = self._busy[org] = _Queue()
+                self._in_flight += 1
             else:
-                queue.waiting.append(slot)
-        if not leads:
+                self._waiting.append(slot)
+        if leads:
+            batch = [slot]
+        else:
             slot.woken.wait()
             if slot.done:
                 return self._answer(slot)
-            with self._lock:  # made the next leader: send what waits, this payment first
-                batch, queue.waiting[:MAX_BATCH] = queue.waiting[:MAX_BATCH], []
-        else:
-            batch = [slot]
+            assert slot.batch is not None and slot.batch[0] is slot
+            batch = slot.batch  # made a leader: it sends the payments that waited, this one first
         try:
             balances = book_member_payments(self.db, [s.payment for s in batch], self.default_low_limit_cents)
         except BaseException as exc:  # noqa: BLE001 - every payment of the batch is told
             balances, error = [None] * len(batch), exc
         else:
             error = None
-        with self._lock:
-            following = queue.waiting[0] if queue.waiting else None
+        with self._lock:  # the next statement's payments leave the queue together, under the lock
+            following = self._waiting[0] if self._waiting else None
             if following is None:
-                del self._busy[org]
+                self._in_flight -= 1
+            else:
+                following.batch, self._waiting[:MAX_BATCH] = self._waiting[:MAX_BATCH], []
         for s, balance in zip(batch, balances, strict=True):
             s.balance, s.error, s.done = balance, error, True
             if s is not slot:
