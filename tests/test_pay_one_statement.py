@@ -5,6 +5,8 @@ repeated key) it changes nothing and the careful path answers."""
 
 from __future__ import annotations
 
+import threading
+
 import grpc
 import pytest
 from conftest import _truncate_all
@@ -13,7 +15,8 @@ from sqlalchemy import select
 
 from clients.payments_client import PaymentsClient
 from cobalt.payments.v1 import payments_pb2 as pb
-from server.domain.types import member_account, organisation_account
+from server.api.ledger_api import LedgerApi
+from server.domain.types import PostingType, member_account, organisation_account
 from server.ledger import idempotency, one_statement
 from server.ledger.schema import idempotency_keys, outbox_events, postings, transactions
 from server.services import pay
@@ -182,3 +185,93 @@ def test_response_around_splits_the_serialisation_at_the_field(balance):  # noqa
                               reference="PAY-AAAA-BBBB-CCCC")
     head, tail = idempotency.response_around(response, "balance_cents")
     assert head + idempotency._varint(balance) + tail == response.SerializeToString(deterministic=True)
+
+
+# ---------------------------------------------------------------- several payments in one statement
+def _payment(member_id: int, org_id: int, amount_cents: int, key: str,
+             principal: str = "app") -> one_statement.MemberPayment:
+    cmd = pay.PayCommand(principal=principal, member_id=member_id, amount_cents=amount_cents, organisation_id=org_id,
+                         other_member_id=None, description=f"entry {key}", payment_type=PostingType.ENTRY_TO_EVENT,
+                         route_code="EVT").validated()
+    record = idempotency.Pending(principal, key, "Pay", f"hash-{key}")
+    return pay.member_payment(cmd, record, LedgerApi.pay_response)
+
+
+@pytest.fixture
+def members_and_clubs(admin) -> None:  # noqa: ANN001
+    for org in (7, 8):
+        admin.upsert_organisation(org, f"Club {org}")
+    for member, cents in ((1, 50_000), (2, 50_000), (3, 2_500), (4, 50_000), (5, 50_000)):
+        admin.upsert_member(member, f"Member {member}")
+        admin.adjust(cents, "opening", member_id=member)
+
+
+def test_one_statement_books_several_payments_to_several_clubs(server, members_and_clubs):  # noqa: ANN001
+    batch = [_payment(1, 7, 1_000, "a"), _payment(2, 8, 2_000, "b"), _payment(1, 7, 500, "c"),  # member 1 again
+             _payment(3, 7, 1_000, "d"),  # would leave $15, below the $20 limit
+             _payment(4, 7, 3_000, "e"), _payment(5, 7, 700, "f")]
+    balances = one_statement.book_member_payments(server.db, batch, 2_000)
+    assert balances == [49_000, 48_000, None, None, 47_000, 49_300], "the first of a member's payments is taken"
+    check_invariants(server.db)  # includes each account's balance-after chain in statement order
+    with server.db.engine.connect() as conn:
+        club7 = conn.execute(select(postings.c.reference, postings.c.amount_cents, postings.c.balance_after_cents)
+                             .where(postings.c.account_id == organisation_account(7))
+                             .order_by(postings.c.created_at, postings.c.id)).all()
+        n_events = len(conn.execute(select(outbox_events.c.sequence).where(outbox_events.c.kind == "PAYMENT_SUCCEEDED")).all())
+    assert [(ref.rsplit("-", 1)[0], amount, after) for ref, amount, after in club7] == [
+        (batch[0].reference, 1_000, 1_000), (batch[4].reference, 3_000, 4_000), (batch[5].reference, 700, 4_700)]
+    assert n_events == 4
+    for payment, balance in zip(batch, balances, strict=True):
+        if balance is None:
+            continue
+        expected = pb.PayResponse(status=pb.SUCCEEDED, payment_id=payment.payment_id, balance_cents=balance,
+                                  reference=payment.reference)
+        assert _stored(server, payment.record_key) == expected.SerializeToString(deterministic=True)
+
+
+@pytest.mark.parametrize("spoiler", ["unknown club", "key used before"])
+def test_one_failing_payment_fails_the_whole_statement(server, app, members_and_clubs, spoiler):  # noqa: ANN001
+    app.pay(4, 100, organisation_id=8, idempotency_key="used")  # a record under key "used"
+    before = snapshot(server.db)
+    with server.db.engine.connect() as conn:
+        caller = conn.execute(select(idempotency_keys.c.principal).where(idempotency_keys.c.key == "used")).scalar_one()
+    bad = _payment(2, 9, 1_000, "x") if spoiler == "unknown club" else _payment(2, 8, 1_000, "used", caller)
+    balances = one_statement.book_member_payments(server.db, [_payment(1, 7, 1_000, "ok"), bad], 2_000)
+    assert balances == [None, None]
+    assert snapshot(server.db) == before
+
+
+def test_concurrent_pays_share_statements_and_keep_the_ledger(server, members_and_clubs, one_statement_results,  # noqa: ANN001
+                                                               monkeypatch):
+    sizes: list[int] = []
+    real = one_statement.book_member_payments
+
+    def sized(db, payments, default_low_limit_cents):  # noqa: ANN001, ANN202
+        sizes.append(len(payments))
+        return real(db, payments, default_low_limit_cents)
+
+    monkeypatch.setattr(one_statement, "book_member_payments", sized)
+    answers: list = []
+    errors: list = []
+
+    def payer(thread: int) -> None:
+        with server.client("app") as client:
+            for i in range(25):
+                member, org = (1, 2, 4)[(thread + i) % 3], (7, 8)[i % 2]
+                try:
+                    answers.append((member, client.pay(member, 10 + thread, organisation_id=org)))
+                except grpc.RpcError as exc:
+                    errors.append(exc)
+
+    threads = [threading.Thread(target=payer, args=(t,)) for t in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and len(answers) == 16 * 25
+    assert max(sizes) > 1, "payments that arrived together shared a statement"
+    check_invariants(server.db)
+    with server.db.engine.connect() as conn:
+        after = dict(conn.execute(select(postings.c.payment_id, postings.c.balance_after_cents)
+                                  .where(postings.c.amount_cents < 0)).all())
+    assert all(after[resp.payment_id] == resp.balance_cents for _, resp in answers), "each answer is its booking"

@@ -15,10 +15,10 @@ together in the next (`PaymentBatcher`), so its row lock is taken, and its commi
 for all of them instead of once each.
 
 A payment is booked here only when no decision is needed on the way: the member is left at or
-above the current low-balance limit (the low-balance rule has nothing to say) and pays once in the
-statement. Any other payment of the statement is simply left out, and the caller takes the careful
-path for it (`book()` in a unit of work), which finds out what is wrong and answers for it. An
-unknown organisation, or a repeated idempotency key, fails the statement whole: nothing is
+above the current low-balance limit (the low-balance rule has nothing to say), and it is the
+member's first payment in the statement. Any other payment is left out, and the caller takes the
+careful path for it (`book()` in a unit of work), which finds out what is wrong and answers for it.
+An unknown organisation, or a repeated idempotency key, fails the statement whole: nothing is
 committed and every payment in it takes the careful path.
 """
 
@@ -91,11 +91,14 @@ def _sql() -> PreparedSql:
         # (`= ANY` of the input array: an index scan, whatever the size of the batch)
         "lk AS MATERIALIZED (SELECT id FROM accounts WHERE id = ANY(CAST(%(member_account_id)s AS bigint[])) "
         "ORDER BY id FOR UPDATE), "
-        # each debit under the funds check; a member twice in the input is debited once (the other is left out)
-        "d AS (UPDATE accounts AS a SET balance_cents = a.balance_cents - r.amount_cents, last_movement_at = %(at)s "
-        "FROM r, lim WHERE a.id = ANY(CAST(%(member_account_id)s AS bigint[])) AND a.id = r.member_account_id "
-        "AND a.id IN (SELECT id FROM lk) AND a.balance_cents >= r.amount_cents + lim.cents "
-        "RETURNING r.n, a.balance_cents), "
+        # each debit under the funds check; of a member's payments only the first is taken (the
+        # others are left out: an UPDATE changes a row once)
+        "r1 AS (SELECT DISTINCT ON (member_account_id) n, member_account_id, amount_cents FROM r "
+        "ORDER BY member_account_id, n), "
+        "d AS (UPDATE accounts AS a SET balance_cents = a.balance_cents - r1.amount_cents, last_movement_at = %(at)s "
+        "FROM r1, lim WHERE a.id = ANY(CAST(%(member_account_id)s AS bigint[])) AND a.id = r1.member_account_id "
+        "AND a.id IN (SELECT id FROM lk) AND a.balance_cents >= r1.amount_cents + lim.cents "
+        "RETURNING r1.n, a.balance_cents), "
         # then the organisations, in id order, each credited once with the sum of what was debited
         "s AS MATERIALIZED (SELECT r.organisation_account_id AS id, sum(r.amount_cents) AS amount_cents "
         "FROM d JOIN r USING (n) GROUP BY 1), "

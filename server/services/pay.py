@@ -163,18 +163,15 @@ def new_batcher(db: Database) -> one_statement.PaymentBatcher:
     return one_statement.PaymentBatcher(db, DEFAULT_FEE_SETTINGS.low_balance_limit_cents)
 
 
-def pay_in_one_statement(batcher: one_statement.PaymentBatcher, cmd: PayCommand, record: idempotency.Pending,
-                         respond: Callable[[PayResult], Message]) -> PayResult | None:
-    """The common Pay in one statement and one round trip (ledger.one_statement): booked, recorded
-    under its idempotency key and committed; None when it changed nothing, and `pay_from_balance`
-    must run in a unit of work. Only a member left at or above the current low-balance limit
-    qualifies: the low-balance rule then has nothing to say (low_balance_check)."""
+def member_payment(cmd: PayCommand, record: idempotency.Pending,
+                   respond: Callable[[PayResult], Message]) -> one_statement.MemberPayment:
+    """The Pay as the one statement takes it, with a new payment id and reference; its stored
+    response is `respond`'s, with the balance after the statement fills in."""
     assert in_one_statement(cmd) and cmd.organisation_id is not None
     payment_id = new_payment_id()
     reference = new_reference(cmd.payment_type)
     head, tail = idempotency.response_around(respond(PayResult(payment_id, 1, reference)), "balance_cents")
-    event = cmd.success_event(payment_id, reference, 0)
-    balance = batcher.book(one_statement.MemberPayment(
+    return one_statement.MemberPayment(
         organisation_account_id=cmd.payee_account,
         organisation_id=cmd.organisation_id,
         member_account_id=member_account(cmd.member_id),
@@ -187,17 +184,27 @@ def pay_in_one_statement(batcher: one_statement.PaymentBatcher, cmd: PayCommand,
         reference=reference,
         event_id=cmd.event_id,
         session_id=cmd.session_id,
-        event_kind=event.kind.value,
-        route_code=event.route_code,
-        route_payload=event.route_payload,
+        event_kind=EventKind.PAYMENT_SUCCEEDED.value,
+        route_code=cmd.route_code,
+        route_payload=cmd.route_payload,
         record_principal=record.principal,
         record_key=record.key,
         record_method=record.method,
         record_request_hash=record.request_hash,
         response_head=head,
         response_tail=tail,
-    ))
+    )
+
+
+def pay_in_one_statement(batcher: one_statement.PaymentBatcher, cmd: PayCommand, record: idempotency.Pending,
+                         respond: Callable[[PayResult], Message]) -> PayResult | None:
+    """The common Pay in one statement and one round trip (ledger.one_statement), shared with the
+    Pays that arrive meanwhile: booked, recorded under its idempotency key and committed; None when
+    it changed nothing, and `pay_from_balance` must run in a unit of work. Only a member left at or
+    above the current low-balance limit qualifies: the low-balance rule then has nothing to say."""
+    payment = member_payment(cmd, record, respond)
+    balance = batcher.book(payment)
     if balance is None:
         return None
     assert balance >= 0, "a member balance is never negative after a Pay"
-    return PayResult(payment_id, balance, reference)
+    return PayResult(payment.payment_id, balance, payment.reference)

@@ -1,0 +1,95 @@
+"""PaymentBatcher, the group commit of the one-statement Pay, without a database: every payment
+gets its own answer, never more statements in flight than allowed, payments that wait share the
+next statement, and a statement that raises tells each of its payments."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from server.ledger import one_statement
+from server.ledger.one_statement import MAX_BATCH, PaymentBatcher
+
+
+class FakeStatements:
+    """Stands in for book_member_payments: answers amount × 10 for each payment, takes a little
+    time, and records the batches and how many ran at once."""
+
+    def __init__(self, fail_on: int | None = None):
+        self.batches: list[int] = []
+        self.running = 0
+        self.most_at_once = 0
+        self.fail_on = fail_on
+        self._lock = threading.Lock()
+
+    def __call__(self, db, payments, default_low_limit_cents):  # noqa: ANN001, ANN204
+        with self._lock:
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+            self.batches.append(len(payments))
+        try:
+            time.sleep(0.002)
+            if self.fail_on is not None and any(p.amount_cents == self.fail_on for p in payments):
+                raise RuntimeError("the statement failed")
+            return [p.amount_cents * 10 for p in payments]
+        finally:
+            with self._lock:
+                self.running -= 1
+
+
+def _payment(amount_cents: int) -> one_statement.MemberPayment:
+    return one_statement.MemberPayment(
+        organisation_account_id=1, organisation_id=1, member_account_id=amount_cents, member_id=amount_cents,
+        amount_cents=amount_cents, type="ENTRY_TO_EVENT", description="", principal="p", payment_id=f"p{amount_cents}",
+        reference=f"r{amount_cents}", event_id=None, session_id=None, event_kind="PAYMENT_SUCCEEDED", route_code="",
+        route_payload="", record_principal="p", record_key=f"k{amount_cents}", record_method="Pay",
+        record_request_hash="h", response_head=b"", response_tail=b"")
+
+
+def _pay_from_threads(batcher: PaymentBatcher, threads: int, each: int) -> tuple[dict, dict]:
+    answers: dict[int, int | None] = {}
+    errors: dict[int, BaseException] = {}
+
+    def run(t: int) -> None:
+        for i in range(each):
+            amount = t * each + i + 1
+            try:
+                answers[amount] = batcher.book(_payment(amount))
+            except RuntimeError as exc:
+                errors[amount] = exc
+
+    pool = [threading.Thread(target=run, args=(t,)) for t in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join(30)
+        assert not t.is_alive(), "a payment was never answered"
+    return answers, errors
+
+
+@pytest.mark.parametrize("in_flight", [1, 3])
+def test_every_payment_gets_its_own_answer_and_waiting_payments_share_statements(monkeypatch, in_flight):  # noqa: ANN001
+    fake = FakeStatements()
+    monkeypatch.setattr(one_statement, "book_member_payments", fake)
+    batcher = PaymentBatcher(db=None, default_low_limit_cents=2_000, max_in_flight=in_flight)  # type: ignore[arg-type]
+    answers, errors = _pay_from_threads(batcher, threads=48, each=20)
+    assert not errors
+    assert answers == {amount: amount * 10 for amount in range(1, 48 * 20 + 1)}
+    assert sum(fake.batches) == 48 * 20, "each payment went in exactly one statement"
+    assert fake.most_at_once <= in_flight
+    assert max(fake.batches) > 1 and max(fake.batches) <= MAX_BATCH
+    # idle again: the next payment goes at once, alone
+    assert batcher.book(_payment(100_000)) == 1_000_000 and fake.batches[-1] == 1
+
+
+def test_a_statement_that_raises_tells_each_of_its_payments(monkeypatch):  # noqa: ANN001
+    fake = FakeStatements(fail_on=7)
+    monkeypatch.setattr(one_statement, "book_member_payments", fake)
+    batcher = PaymentBatcher(db=None, default_low_limit_cents=2_000)  # type: ignore[arg-type]
+    answers, errors = _pay_from_threads(batcher, threads=16, each=10)
+    assert 7 in errors
+    assert len(answers) + len(errors) == 160
+    assert all(answer == amount * 10 for amount, answer in answers.items())
+    assert batcher.book(_payment(5)) == 50, "the batcher goes on after a failed statement"
