@@ -111,6 +111,7 @@ class PaymentsServer:
         await self.servicer.on_server_stop()
         await self.server.stop(self.settings.shutdown_grace_s if grace_s is None else grace_s)
         self.server = None
+        self.servicer.close()
         self.executor.shutdown(wait=True)
         self.db.dispose()
         log.info("stopped")

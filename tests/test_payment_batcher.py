@@ -1,9 +1,11 @@
 """PaymentBatcher, the group commit of the one-statement Pay, without a database: every payment
 gets its own answer, never more statements in flight than allowed, payments that wait share the
-next statement, and a statement that raises tells each of its payments."""
+next statement, a statement that raises tells each of its payments, and a caller that goes away
+leaves the others answered."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
@@ -48,24 +50,23 @@ def _payment(amount_cents: int) -> one_statement.MemberPayment:
         record_request_hash="h", response_head=b"", response_tail=b"")
 
 
-def _pay_from_threads(batcher: PaymentBatcher, threads: int, each: int) -> tuple[dict, dict]:
+def _pay_concurrently(batcher: PaymentBatcher, callers: int, each: int) -> tuple[dict, dict]:
+    """`callers` coroutines on one event loop, each paying `each` times in turn."""
     answers: dict[int, int | None] = {}
     errors: dict[int, BaseException] = {}
 
-    def run(t: int) -> None:
+    async def caller(c: int) -> None:
         for i in range(each):
-            amount = t * each + i + 1
+            amount = c * each + i + 1
             try:
-                answers[amount] = batcher.book(_payment(amount))
+                answers[amount] = await batcher.book(_payment(amount))
             except RuntimeError as exc:
                 errors[amount] = exc
 
-    pool = [threading.Thread(target=run, args=(t,)) for t in range(threads)]
-    for t in pool:
-        t.start()
-    for t in pool:
-        t.join(30)
-        assert not t.is_alive(), "a payment was never answered"
+    async def main() -> None:
+        await asyncio.wait_for(asyncio.gather(*(caller(c) for c in range(callers))), 30)
+
+    asyncio.run(main())
     return answers, errors
 
 
@@ -74,22 +75,48 @@ def test_every_payment_gets_its_own_answer_and_waiting_payments_share_statements
     fake = FakeStatements()
     monkeypatch.setattr(one_statement, "book_member_payments", fake)
     batcher = PaymentBatcher(db=None, default_low_limit_cents=2_000, max_in_flight=in_flight)  # type: ignore[arg-type]
-    answers, errors = _pay_from_threads(batcher, threads=48, each=20)
-    assert not errors
-    assert answers == {amount: amount * 10 for amount in range(1, 48 * 20 + 1)}
-    assert sum(fake.batches) == 48 * 20, "each payment went in exactly one statement"
-    assert fake.most_at_once <= in_flight
-    assert max(fake.batches) > 1 and max(fake.batches) <= MAX_BATCH
-    # idle again: the next payment goes at once, alone
-    assert batcher.book(_payment(100_000)) == 1_000_000 and fake.batches[-1] == 1
+    try:
+        answers, errors = _pay_concurrently(batcher, callers=48, each=20)
+        assert not errors
+        assert answers == {amount: amount * 10 for amount in range(1, 48 * 20 + 1)}
+        assert sum(fake.batches) == 48 * 20, "each payment went in exactly one statement"
+        assert fake.most_at_once <= in_flight
+        assert max(fake.batches) > 1 and max(fake.batches) <= MAX_BATCH
+        # idle again: the next payment goes at once, alone
+        assert asyncio.run(batcher.book(_payment(100_000))) == 1_000_000 and fake.batches[-1] == 1
+    finally:
+        batcher.close()
 
 
 def test_a_statement_that_raises_tells_each_of_its_payments(monkeypatch):  # noqa: ANN001
     fake = FakeStatements(fail_on=7)
     monkeypatch.setattr(one_statement, "book_member_payments", fake)
     batcher = PaymentBatcher(db=None, default_low_limit_cents=2_000)  # type: ignore[arg-type]
-    answers, errors = _pay_from_threads(batcher, threads=16, each=10)
-    assert 7 in errors
-    assert len(answers) + len(errors) == 160
-    assert all(answer == amount * 10 for amount, answer in answers.items())
-    assert batcher.book(_payment(5)) == 50, "the batcher goes on after a failed statement"
+    try:
+        answers, errors = _pay_concurrently(batcher, callers=16, each=10)
+        assert 7 in errors
+        assert len(answers) + len(errors) == 160
+        assert all(answer == amount * 10 for amount, answer in answers.items())
+        assert asyncio.run(batcher.book(_payment(5))) == 50, "the batcher goes on after a failed statement"
+    finally:
+        batcher.close()
+
+
+def test_a_caller_that_went_away_does_not_stop_the_others(monkeypatch):  # noqa: ANN001
+    fake = FakeStatements()
+    monkeypatch.setattr(one_statement, "book_member_payments", fake)
+    batcher = PaymentBatcher(db=None, default_low_limit_cents=2_000)  # type: ignore[arg-type]
+
+    async def main() -> list:
+        first = asyncio.ensure_future(batcher.book(_payment(1)))
+        gone = asyncio.ensure_future(batcher.book(_payment(2)))  # waits for the first statement
+        rest = [asyncio.ensure_future(batcher.book(_payment(n))) for n in range(3, 10)]
+        await asyncio.sleep(0)
+        gone.cancel()
+        return await asyncio.gather(first, *rest)
+
+    try:
+        assert asyncio.run(main()) == [10] + [n * 10 for n in range(3, 10)]
+        assert sum(fake.batches) == 9, "the payment whose caller went away was still booked once (a retry replays it)"
+    finally:
+        batcher.close()

@@ -4,7 +4,7 @@ idempotent runner of SPEC §3."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
@@ -35,6 +35,10 @@ class ApiBase:
     async def on_server_stop(self) -> None:
         """Stop background work (before the server stops). Mixins call `await super().on_server_stop()`."""
 
+    def close(self) -> None:
+        """Release what the calls used, once the server has stopped (its calls have ended). Mixins
+        that override it call `super().close()`."""
+
     @staticmethod
     def principal() -> Principal:
         return current_principal.get()
@@ -58,19 +62,24 @@ class ApiBase:
 
     async def mutate_once(self, context, method: str, request: Message, response_type: type[M],  # noqa: ANN001
                           work: Callable[[Connection], M], *, optimistic: bool = False,
-                          first_try: Callable[[idempotency.Pending], M | None] | None = None) -> tuple[M, bool]:
+                          first_try: Callable[[idempotency.Pending], Awaitable[M | None]] | None = None,
+                          ) -> tuple[M, bool]:
         """`mutate`, answering (response, replayed). With `optimistic` (for work that only touches
         the database), where the record is written with the COMMIT the stored response is not looked
         up first: a repeated key fails the commit on the record's unique key, the attempt rolls back
         whole, and the request runs again the careful way (as does any refusal, which may be a
         repeat of a request that succeeded): one round trip less for every first request.
         `first_try` (PostgreSQL) does the whole request and its record in one statement, or answers
-        None having changed nothing; the ways above follow only then."""
+        None having changed nothing; the ways above follow only then, in a database thread."""
         key = request.idempotency_key  # type: ignore[attr-defined]
         idempotency.check_key(key)
         principal = self.principal()
         req_hash = idempotency.request_hash(method, request.SerializeToString(deterministic=True))
         replayed = False
+        if first_try is not None and self.db.records_with_commit:
+            response = await first_try(idempotency.Pending(principal.name, key, method, req_hash))
+            if response is not None:
+                return response, False
 
         def work_then_record(conn: Connection) -> M:
             response = work(conn)
@@ -86,10 +95,6 @@ class ApiBase:
         def run() -> M:
             token = current_principal.set(principal)
             try:
-                if first_try is not None and self.db.records_with_commit:
-                    response = first_try(idempotency.Pending(principal.name, key, method, req_hash))
-                    if response is not None:
-                        return response
                 if optimistic and self.db.records_with_commit:
                     try:
                         return self.db.run(work_then_record)

@@ -21,6 +21,10 @@ class LedgerApi(ApiBase):
         super().__init__(settings, db, executor)
         self.pay_batcher = pay.new_batcher(db)
 
+    def close(self) -> None:
+        self.pay_batcher.close()
+        super().close()
+
     # ---------------------------------------------------------------- Pay
     def pay_command(self, request: pb.PayRequest) -> pay.PayCommand:
         payee = request.WhichOneof("payee")
@@ -52,8 +56,9 @@ class LedgerApi(ApiBase):
     async def Pay(self, request: pb.PayRequest, context) -> pb.PayResponse:  # noqa: ANN001, N802
         cmd = self.pay_command(request)
 
-        def in_one_statement(record: idempotency.Pending) -> pb.PayResponse | None:
-            result = pay.pay_in_one_statement(self.pay_batcher, cmd, record, self.pay_response)
+        async def in_one_statement(record: idempotency.Pending) -> pb.PayResponse | None:
+            payment = pay.member_payment(cmd, record, self.pay_response)
+            result = pay.paid_in_one_statement(payment, await self.pay_batcher.book(payment))
             return None if result is None else self.pay_response(result)
 
         return await self.book_from_balance(
@@ -64,7 +69,7 @@ class LedgerApi(ApiBase):
     async def book_from_balance(self, context, method: str, request, response_type: type[M],  # noqa: ANN001
                                 book: Callable[[Connection], Any], to_pb: Callable[[Any], M], payer_member_id: int | None,
                                 when_short: Callable[[InsufficientFunds], Awaitable[M]],
-                                first_try: Callable[[idempotency.Pending], M | None] | None = None) -> M:
+                                first_try: Callable[[idempotency.Pending], Awaitable[M | None]] | None = None) -> M:
         """Pay and Transfer: book from the balance once per idempotency key; when the balance is
         short hand over to `when_short`; after a booking that left the payer below the low limit
         with auto top-up ON, top up (after the commit: Stripe is never called inside a transaction)."""

@@ -196,15 +196,10 @@ def member_payment(cmd: PayCommand, record: idempotency.Pending,
     )
 
 
-def pay_in_one_statement(batcher: one_statement.PaymentBatcher, cmd: PayCommand, record: idempotency.Pending,
-                         respond: Callable[[PayResult], Message]) -> PayResult | None:
-    """The common Pay in one statement and one round trip (ledger.one_statement), shared with the
-    Pays that arrive meanwhile: booked, recorded under its idempotency key and committed; None when
-    it changed nothing, and `pay_from_balance` must run in a unit of work. Only a member left at or
-    above the current low-balance limit qualifies: the low-balance rule then has nothing to say."""
-    payment = member_payment(cmd, record, respond)
-    balance = batcher.book(payment)
-    if balance is None:
+def paid_in_one_statement(payment: one_statement.MemberPayment, balance_cents: int | None) -> PayResult | None:
+    """The result of a Pay the one statement booked (`balance_cents` is the member's balance
+    after), or None when it was left out and `pay_from_balance` must run in a unit of work."""
+    if balance_cents is None:
         return None
-    assert balance >= 0, "a member balance is never negative after a Pay"
-    return PayResult(payment.payment_id, balance, payment.reference)
+    assert balance_cents >= 0, "a member balance is never negative after a Pay"
+    return PayResult(payment.payment_id, balance_cents, payment.reference)
