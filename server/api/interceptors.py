@@ -13,6 +13,7 @@ import grpc
 import structlog
 
 from server.api.auth import SERVICE, Authenticator, Principal, allowed
+from server.api.call_log import write_call_line
 from server.api.errors import to_status
 from server.domain.errors import DomainError
 
@@ -123,33 +124,35 @@ class _Guard:
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {call.request_id})")
 
     @staticmethod
-    def _log(call: _Call, context, started: float, cancelled: bool = False) -> None:  # noqa: ANN001
-        code = context.code()
-        if cancelled or (code is None and context.cancelled()):
-            name = "CANCELLED"  # the caller went away or its deadline passed
+    def _log(call: _Call, context, started: float, cancelled: bool = False, answered: bool = False) -> None:  # noqa: ANN001
+        """`answered`: the behaviour returned its response (no handler sets a status of its own),
+        so the status is OK without asking the context."""
+        if answered:
+            name = "OK"
         else:
-            name = code.name if isinstance(code, grpc.StatusCode) else ("OK" if code is None else str(code))
-        log.info(
-            "rpc",
-            method=call.method,
-            principal=call.principal.name if call.principal else None,
-            status=name,
-            duration_ms=round((time.perf_counter() - started) * 1000, 2),
-            request_id=call.request_id,
-        )
+            code = context.code()
+            if cancelled or (code is None and context.cancelled()):
+                name = "CANCELLED"  # the caller went away or its deadline passed
+            else:
+                name = code.name if isinstance(code, grpc.StatusCode) else ("OK" if code is None else str(code))
+        write_call_line(call.method, call.principal.name if call.principal else None, name,
+                        round((time.perf_counter() - started) * 1000, 2), call.request_id)
 
     def wrap_unary(self, behavior):  # noqa: ANN001
         async def unary(request, context):  # noqa: ANN001
             started = time.perf_counter()
             call = self._begin(context)
+            answered = False
             try:
                 await self._enter(call, context)
                 try:
-                    return await behavior(request, context)
+                    response = await behavior(request, context)
+                    answered = True
+                    return response
                 except Exception as exc:  # noqa: BLE001 - mapped to a status; aborts pass through
                     await self._fail(call, context, exc)
             finally:
-                self._log(call, context, started)
+                self._log(call, context, started, answered=answered)
 
         return unary
 

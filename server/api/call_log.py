@@ -1,0 +1,43 @@
+"""The line every call writes: method, principal, status, duration and request id, as JSON like
+every other log line (server/app.py, `configure_logging`), but built and written here directly,
+and flushed once per turn of the event loop rather than once per line: under load one write
+carries the lines of many calls. Through structlog's processor chain, flushed per line, the line
+cost 0.07 ms of server CPU per call, 15 % of a Pay's (README, Performance). Never a token: only
+these fields."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from datetime import UTC, datetime
+
+_encode = json.JSONEncoder().encode
+_flush_pending = False
+
+
+def write_call_line(method: str, principal: str | None, status: str, duration_ms: float, request_id: str) -> None:
+    global _flush_pending
+    stamp = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    line = _encode({"method": method, "principal": principal, "status": status, "duration_ms": duration_ms,
+                    "request_id": request_id, "event": "rpc", "level": "info", "timestamp": stamp})
+    out = sys.stdout
+    out.write(line + "\n")
+    if _flush_pending:
+        return
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # not on an event loop: at once
+        out.flush()
+        return
+    _flush_pending = True
+    loop.call_soon(_flush, out)
+
+
+def _flush(out) -> None:  # noqa: ANN001
+    global _flush_pending
+    _flush_pending = False
+    try:
+        out.flush()
+    except (OSError, ValueError):  # stdout closed or gone: nothing to do about a log line
+        pass
