@@ -16,6 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from cobalt.payments.v1 import payments_pb2, payments_pb2_grpc
+from server.api import call_log
 from server.api.auth import Authenticator
 from server.api.interceptors import ServiceInterceptor
 from server.api.servicer import PaymentsServicer
@@ -53,6 +54,7 @@ def configure_logging() -> None:
         logger_factory=structlog.PrintLoggerFactory(sys.stdout),
         cache_logger_on_first_use=True,
     )
+    call_log.configure(sys.stdout)
 
 
 # A young-generation collection every 20,000 allocations instead of 700: every call allocates

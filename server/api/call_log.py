@@ -14,6 +14,14 @@ from datetime import UTC, datetime
 
 _encode = json.JSONEncoder().encode
 _flush_pending = False
+_stream = None  # where the lines go: set by `configure` (the server's stdout), else the process's own
+
+
+def configure(stream) -> None:  # noqa: ANN001 - a text stream
+    """Write the lines to `stream`, fixed once: a caller that swaps `sys.stdout` later (a command
+    run in-process) does not catch the server's lines."""
+    global _stream
+    _stream = stream
 
 
 def write_call_line(method: str, principal: str | None, status: str, duration_ms: float, request_id: str) -> None:
@@ -21,7 +29,9 @@ def write_call_line(method: str, principal: str | None, status: str, duration_ms
     stamp = datetime.now(UTC).isoformat().replace("+00:00", "Z")
     line = _encode({"method": method, "principal": principal, "status": status, "duration_ms": duration_ms,
                     "request_id": request_id, "event": "rpc", "level": "info", "timestamp": stamp})
-    out = sys.stdout
+    out = _stream or sys.__stdout__
+    if out is None:  # a process without a standard output
+        return
     out.write(line + "\n")
     if _flush_pending:
         return
