@@ -5,6 +5,7 @@ repeated key) it changes nothing and the careful path answers."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
 import grpc
@@ -50,8 +51,8 @@ def one_statement_results(monkeypatch) -> list:  # noqa: ANN001
     seen: list = []
     real = one_statement.book_member_payments
 
-    def spy(db, payments, default_low_limit_cents):  # noqa: ANN001, ANN202
-        answers = real(db, payments, default_low_limit_cents)
+    async def spy(connection, payments, default_low_limit_cents):  # noqa: ANN001, ANN202
+        answers = await real(connection, payments, default_low_limit_cents)
         seen.extend(answers)
         return answers
 
@@ -197,6 +198,15 @@ def _payment(member_id: int, org_id: int, amount_cents: int, key: str,
     return pay.member_payment(cmd, record, LedgerApi.pay_response)
 
 
+def _book_in_one_statement(db, payments: list) -> list:  # noqa: ANN001
+    """One statement on a connection of its own, on an event loop of its own."""
+    connection = one_statement.LoopConnection(db)
+    try:
+        return asyncio.run(one_statement.book_member_payments(connection, payments, 2_000))
+    finally:
+        connection.close()
+
+
 @pytest.fixture
 def members_and_clubs(admin) -> None:  # noqa: ANN001
     for org in (7, 8):
@@ -210,7 +220,7 @@ def test_one_statement_books_several_payments_to_several_clubs(server, members_a
     batch = [_payment(1, 7, 1_000, "a"), _payment(2, 8, 2_000, "b"), _payment(1, 7, 500, "c"),  # member 1 again
              _payment(3, 7, 1_000, "d"),  # would leave $15, below the $20 limit
              _payment(4, 7, 3_000, "e"), _payment(5, 7, 700, "f")]
-    balances = one_statement.book_member_payments(server.db, batch, 2_000)
+    balances = _book_in_one_statement(server.db, batch)
     assert balances == [49_000, 48_000, None, None, 47_000, 49_300], "the first of a member's payments is taken"
     check_invariants(server.db)  # includes each account's balance-after chain in statement order
     with server.db.engine.connect() as conn:
@@ -236,7 +246,7 @@ def test_one_failing_payment_fails_the_whole_statement(server, app, members_and_
     with server.db.engine.connect() as conn:
         caller = conn.execute(select(idempotency_keys.c.principal).where(idempotency_keys.c.key == "used")).scalar_one()
     bad = _payment(2, 9, 1_000, "x") if spoiler == "unknown club" else _payment(2, 8, 1_000, "used", caller)
-    balances = one_statement.book_member_payments(server.db, [_payment(1, 7, 1_000, "ok"), bad], 2_000)
+    balances = _book_in_one_statement(server.db, [_payment(1, 7, 1_000, "ok"), bad])
     assert balances == [None, None]
     assert snapshot(server.db) == before
 
@@ -246,9 +256,9 @@ def test_concurrent_pays_share_statements_and_keep_the_ledger(server, members_an
     sizes: list[int] = []
     real = one_statement.book_member_payments
 
-    def sized(db, payments, default_low_limit_cents):  # noqa: ANN001, ANN202
+    async def sized(connection, payments, default_low_limit_cents):  # noqa: ANN001, ANN202
         sizes.append(len(payments))
-        return real(db, payments, default_low_limit_cents)
+        return await real(connection, payments, default_low_limit_cents)
 
     monkeypatch.setattr(one_statement, "book_member_payments", sized)
     answers: list = []
@@ -275,3 +285,23 @@ def test_concurrent_pays_share_statements_and_keep_the_ledger(server, members_an
         after = dict(conn.execute(select(postings.c.payment_id, postings.c.balance_after_cents)
                                   .where(postings.c.amount_cents < 0)).all())
     assert all(after[resp.payment_id] == resp.balance_cents for _, resp in answers), "each answer is its booking"
+
+
+def test_a_broken_statement_connection_is_opened_again(server, members_and_clubs):  # noqa: ANN001
+    connection = one_statement.LoopConnection(server.db)
+
+    async def scenario() -> list:
+        first = await one_statement.book_member_payments(connection, [_payment(1, 7, 100, "before")], 2_000)
+        with server.db.engine.connect() as conn:  # the database drops the connection, as a restart would
+            conn.exec_driver_sql(f"SELECT pg_terminate_backend({connection._conn.get_backend_pid()})")
+        before = snapshot(server.db)
+        broken = await one_statement.book_member_payments(connection, [_payment(1, 7, 200, "during")], 2_000)
+        unchanged = snapshot(server.db) == before
+        after = await one_statement.book_member_payments(connection, [_payment(1, 7, 300, "after")], 2_000)
+        return [first, broken, unchanged, after]
+
+    try:
+        assert asyncio.run(scenario()) == [[49_900], [None], True, [49_600]]
+    finally:
+        connection.close()
+    check_invariants(server.db)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 
 import pytest
 
@@ -26,13 +25,13 @@ class FakeStatements:
         self.fail_on = fail_on
         self._lock = threading.Lock()
 
-    def __call__(self, db, payments, default_low_limit_cents):  # noqa: ANN001, ANN204
+    async def __call__(self, connection, payments, default_low_limit_cents):  # noqa: ANN001, ANN204
         with self._lock:
             self.running += 1
             self.most_at_once = max(self.most_at_once, self.running)
             self.batches.append(len(payments))
         try:
-            time.sleep(0.002)
+            await asyncio.sleep(0.002)
             if self.fail_on is not None and any(p.amount_cents == self.fail_on for p in payments):
                 raise RuntimeError("the statement failed")
             return [p.amount_cents * 10 for p in payments]
