@@ -125,10 +125,11 @@ class PaymentsServer:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
-        # the shutdown is under way (bounded by the grace period): a repeated SIGTERM, say from a
+        # the shutdown is under way (bounded by the grace period): a repeated signal, say from a
         # supervisor, must not cut it short once the event loop has closed and its handler is gone
-        loop.remove_signal_handler(signal.SIGTERM)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, signal.SIG_IGN)
         await self.stop()
 
 
