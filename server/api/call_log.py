@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 
 _encode = json.JSONEncoder().encode
 _flush_pending = False
-_stream = None  # where the lines go: set by `configure` (the server's stdout), else the process's own
+_stream = None  # where the lines go: set by `configure` (the server's stdout), else `sys.stdout` at first use
 
 
 def configure(stream) -> None:  # noqa: ANN001 - a text stream
@@ -25,13 +25,13 @@ def configure(stream) -> None:  # noqa: ANN001 - a text stream
 
 
 def write_call_line(method: str, principal: str | None, status: str, duration_ms: float, request_id: str) -> None:
-    global _flush_pending
+    global _flush_pending, _stream
     stamp = datetime.now(UTC).isoformat().replace("+00:00", "Z")
     line = _encode({"method": method, "principal": principal, "status": status, "duration_ms": duration_ms,
                     "request_id": request_id, "event": "rpc", "level": "info", "timestamp": stamp})
-    out = _stream or sys.__stdout__
-    if out is None:  # a process without a standard output
-        return
+    out = _stream
+    if out is None:  # not configured (a server run in-process): fixed at first use, as structlog does
+        out = _stream = sys.stdout
     out.write(line + "\n")
     if _flush_pending:
         return
