@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import grpc
 import pytest
@@ -304,4 +305,36 @@ def test_a_broken_statement_connection_is_opened_again(server, members_and_clubs
         assert asyncio.run(scenario()) == [[49_900], [None], True, [49_600]]
     finally:
         connection.close()
+    check_invariants(server.db)
+
+
+def test_a_row_lock_held_elsewhere_does_not_hold_up_the_other_pays(server, members_and_clubs,  # noqa: ANN001
+                                                                    one_statement_results):
+    blocker = server.db.engine.raw_connection()  # a long transaction holding member 1's row
+    cur = blocker.cursor()
+    cur.execute("BEGIN")
+    cur.execute(f"UPDATE accounts SET balance_cents = balance_cents WHERE id = {member_account(1)}")
+    outcome: dict = {}
+
+    def pay_member_1() -> None:
+        with server.client("app") as client:
+            outcome["member 1"] = client.pay(1, 100, organisation_id=7)
+
+    waiting = threading.Thread(target=pay_member_1)
+    try:
+        waiting.start()
+        time.sleep(0.1)  # its statement is in flight, waiting for the lock
+        started = time.monotonic()
+        with server.client("app") as client:
+            other = client.call("Pay", pb.PayRequest(idempotency_key="other", member_id=2, organisation_id=7,
+                                                     amount_cents=100))
+        assert time.monotonic() - started < 2, "the other Pay waited for the lock only as long as the lock timeout"
+        assert other.status == pb.SUCCEEDED and other.balance_cents == 49_900
+        assert waiting.is_alive(), "member 1's Pay waits for its row on the careful path"
+    finally:
+        cur.execute("ROLLBACK")
+        blocker.close()
+        waiting.join(30)
+    assert outcome["member 1"].balance_cents == 49_900
+    assert None in one_statement_results, "the statement that met the lock gave up and changed nothing"
     check_invariants(server.db)

@@ -33,6 +33,10 @@ import psycopg2.extensions
 from server.ledger.db import Database, PreparedSql, utcnow
 
 MAX_BATCH = 32  # payments in one statement
+# How long the statement may wait for a row lock (a member's or a club's, held by a careful-path
+# transaction) before it fails and its payments take the careful path. Every Pay of the process queues
+# behind the statement in flight, so one slow lock must not hold them all for longer than this.
+LOCK_TIMEOUT_MS = 250
 _MISSING_MARK = "one-statement-payment-incomplete"
 
 # Protocol Buffers varint of a balance (0 <= b < 2**63: nine groups of 7 bits), low group first,
@@ -197,7 +201,8 @@ class LoopConnection:
     statement is sent and its answer read on the loop itself, with no thread to hand it to and no
     interpreter lock to win back when the answer comes (under load that hand-off and that wait
     took a third of each statement's time). Opened on first use, again after it breaks; always in
-    autocommit, so a statement is its own transaction."""
+    autocommit, so a statement is its own transaction; waits for a row lock at most
+    LOCK_TIMEOUT_MS."""
 
     def __init__(self, db: Database):
         self.db = db
@@ -225,6 +230,9 @@ class LoopConnection:
             args, kwargs = self.db.engine.dialect.create_connect_args(self.db.engine.url)
             conn = psycopg2.connect(*args, **kwargs, async_=True)
             try:
+                await self._ready(conn)
+                cur = conn.cursor()  # held until the answer is read: psycopg2 needs the cursor meanwhile
+                cur.execute(f"SET lock_timeout = {LOCK_TIMEOUT_MS}")
                 await self._ready(conn)
             except BaseException:
                 conn.close()
