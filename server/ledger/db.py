@@ -243,12 +243,9 @@ class PreparedSql:
 
     def ensure(self, conn: Connection) -> None:
         """PREPARE it in this connection's session unless done (a PREPARE outlives any rollback)."""
-        self.ensure_on(conn.connection)
-
-    def ensure_on(self, pooled) -> None:  # noqa: ANN001 - a pooled connection (engine.raw_connection())
-        prepared = pooled.info.setdefault(_PREPARED_ON_CONNECTION, set())
+        prepared = conn.connection.info.setdefault(_PREPARED_ON_CONNECTION, set())
         if self.name not in prepared:
-            with pooled.dbapi_connection.cursor() as cur:
+            with conn.connection.dbapi_connection.cursor() as cur:  # type: ignore[union-attr]
                 cur.execute(self.prepare_sql)
             prepared.add(self.name)
 

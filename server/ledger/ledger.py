@@ -212,13 +212,7 @@ def book(conn: Connection, txn: NewTransaction) -> Booked:
 _INSERT_TRANSACTION = insert(transactions).returning(transactions.c.id)
 
 
-def transaction_values(txn: NewTransaction, reference: str) -> dict:
-    """The transaction row's values (TRANSACTION_COLUMNS) but its id and time."""
-    return {col: txn.type.value if col == "type" else (reference if col == "reference" else getattr(txn, col))
-            for col in TRANSACTION_COLUMNS}
-
-
-def posting_row(txn: NewTransaction, txn_id: int, reference: str, index: int, leg: Leg, balance_after: int,
+def _posting_row(txn: NewTransaction, txn_id: int, reference: str, index: int, leg: Leg, balance_after: int,
                  at: datetime) -> dict:
     return {
         "transaction_id": txn_id,
@@ -238,19 +232,19 @@ def posting_row(txn: NewTransaction, txn_id: int, reference: str, index: int, le
 
 def _insert_postings(conn: Connection, txn: NewTransaction, txn_id: int, reference: str,
                      ordered: list[tuple[int, Leg]], balances: dict[int, int], at: datetime) -> None:
-    rows = [posting_row(txn, txn_id, reference, index, leg, balances[leg.account_id], at) for index, leg in ordered]
+    rows = [_posting_row(txn, txn_id, reference, index, leg, balances[leg.account_id], at) for index, leg in ordered]
     conn.execute(insert(postings), rows)
 
 
-POSTING_COLUMNS = ("transaction_id", "account_id", "amount_cents", "balance_after_cents", "counterparty_account_id",
+_POSTING_COLUMNS = ("transaction_id", "account_id", "amount_cents", "balance_after_cents", "counterparty_account_id",
                     "reference", "type", "description", "payment_id", "event_id", "session_id", "created_at")
-POSTING_CASTS = ("bigint", "bigint", "bigint", "bigint", "bigint", "varchar", "varchar", "varchar", "varchar",
+_POSTING_CASTS = ("bigint", "bigint", "bigint", "bigint", "bigint", "varchar", "varchar", "varchar", "varchar",
                   "bigint", "bigint", "timestamptz")
 _LATE_SQL_CACHE: dict[tuple[int, int], PreparedSql] = {}
 _MISSING_MARK = "late-credit-account-missing"
-TRANSACTION_COLUMNS = ("reference", "type", "description", "principal", "payment_id", "batch_id", "event_id",
+_TRANSACTION_COLUMNS = ("reference", "type", "description", "principal", "payment_id", "batch_id", "event_id",
                         "session_id")
-TRANSACTION_CASTS = ("varchar", "varchar", "varchar", "varchar", "varchar", "varchar", "bigint", "bigint")
+_TRANSACTION_CASTS = ("varchar", "varchar", "varchar", "varchar", "varchar", "varchar", "bigint", "bigint")
 
 
 def _late_sql(n_early: int, n_late: int) -> PreparedSql:
@@ -270,15 +264,15 @@ def _late_sql(n_early: int, n_late: int) -> PreparedSql:
         ctes.append(f"t AS MATERIALIZED (SELECT clock_timestamp() AS at FROM {', '.join(f'c{n}' for n in range(n_late))})")
     else:  # every lock was taken before: the time read after the last one
         ctes.append("t AS (SELECT CAST(%(locked_at)s AS timestamptz) AS at)")
-    tx_values = ", ".join(f"CAST(%(tx_{col})s AS {cast})" for col, cast in zip(TRANSACTION_COLUMNS, TRANSACTION_CASTS,
+    tx_values = ", ".join(f"CAST(%(tx_{col})s AS {cast})" for col, cast in zip(_TRANSACTION_COLUMNS, _TRANSACTION_CASTS,
                                                                                 strict=True))
-    ctes.append(f"tx AS (INSERT INTO transactions ({', '.join(TRANSACTION_COLUMNS)}, created_at) "
+    ctes.append(f"tx AS (INSERT INTO transactions ({', '.join(_TRANSACTION_COLUMNS)}, created_at) "
                 f"SELECT {tx_values}, t.at FROM t RETURNING id)")
     selects = []
     for prefix, count in (("c", n_late), ("e", n_early)):
         for n in range(count):
             cols = []
-            for col, cast in zip(POSTING_COLUMNS, POSTING_CASTS, strict=True):
+            for col, cast in zip(_POSTING_COLUMNS, _POSTING_CASTS, strict=True):
                 if col == "created_at":
                     cols.append("t.at")
                 elif col == "transaction_id":
@@ -289,7 +283,7 @@ def _late_sql(n_early: int, n_late: int) -> PreparedSql:
                     cols.append(f"CAST(%({prefix}{n}_{col})s AS {cast})")
             source = f"c{n}, t, tx" if prefix == "c" else "t, tx"  # nothing at all without every late credit
             selects.append(f"SELECT {', '.join(cols)} FROM {source}")
-    ctes.append(f"ins AS (INSERT INTO postings ({', '.join(POSTING_COLUMNS)}) {' UNION ALL '.join(selects)} "
+    ctes.append(f"ins AS (INSERT INTO postings ({', '.join(_POSTING_COLUMNS)}) {' UNION ALL '.join(selects)} "
                 "RETURNING account_id)")
     # the failing cast depends on the row count, so it is evaluated only when rows are missing
     sql = PreparedSql(f"WITH {', '.join(ctes)} SELECT CASE WHEN (SELECT count(*) FROM ins) = {n_early + n_late} "
@@ -302,12 +296,13 @@ def _defer_late_pg(conn: Connection, txn: NewTransaction, reference: str, early:
                    late: list[tuple[int, Leg]], balances: dict[int, int], locked_at: datetime) -> None:
     at = utcnow()
     params: dict = {"at": at} if late else {"locked_at": locked_at}
-    for col, value in transaction_values(txn, reference).items():
-        params[f"tx_{col}"] = value
+    for col in _TRANSACTION_COLUMNS:
+        params[f"tx_{col}"] = txn.type.value if col == "type" else (
+            reference if col == "reference" else getattr(txn, col))
     for prefix, legs in (("c", late), ("e", early)):
         for n, (index, leg) in enumerate(legs):
-            row = posting_row(txn, 0, reference, index, leg, balances.get(leg.account_id, 0), at)
-            for col in POSTING_COLUMNS:
+            row = _posting_row(txn, 0, reference, index, leg, balances.get(leg.account_id, 0), at)
+            for col in _POSTING_COLUMNS:
                 params[f"{prefix}{n}_{col}"] = row[col]
     orgs = ", ".join(str(split_account_id(leg.account_id)[1]) for _, leg in late)
 

@@ -1,18 +1,17 @@
 """The common Pay, member → organisation, as ONE statement on PostgreSQL: one round trip, and a
-transaction that is that statement alone (the engine runs in autocommit).
+transaction that is that statement alone (the connection runs in autocommit).
 
-The statement takes one or more payments to the same organisation. For each it debits the member
+The statement takes one or more payments, to any organisations. For each it debits the member
 under the funds check, and writes its transaction row, both postings with their balance after, the
-outbox event and the idempotency record; it credits the organisation once with their sum, and
-commits. Members are locked first, in id order, and the organisation last, as `book()` locks
-accounts (types.lock_rank); postings are stamped with the database clock read after every lock,
-and the organisation's postings take ids in the order of their balances after, so a statement's
-order (time, id) stays the order in which its balance moved.
+outbox event and the idempotency record; it credits each organisation once with the sum of its
+payments, and commits. Members are locked first and organisations last, each in id order, as
+`book()` locks accounts (types.lock_rank); postings are stamped with the database clock read after
+every lock, and an organisation's postings take ids in the order of their balances after, so a
+statement's order (time, id) stays the order in which each balance moved.
 
-Several payments in one statement is group commit for a hot organisation (a congress taking
-entries): the payments that arrive while one statement for that organisation is in flight go
-together in the next (`PaymentBatcher`), so its row lock is taken, and its commit waited for, once
-for all of them instead of once each.
+Several payments in one statement is group commit: the payments that arrive while a statement is
+in flight go together in the next (`PaymentBatcher`), so a congress taking entries takes its row
+lock, and waits for a commit, once for all of them instead of once each.
 
 A payment is booked here only when no decision is needed on the way: the member is left at or
 above the current low-balance limit (the low-balance rule has nothing to say), and it is the
@@ -78,7 +77,8 @@ class MemberPayment:
 
 # column of the input (one array each) -> its SQL type
 _INPUT = {
-    "n": "int", "organisation_account_id": "bigint", "organisation_id": "bigint", "member_account_id": "bigint", "member_id": "bigint", "amount_cents": "bigint", "type": "varchar",
+    "n": "int", "organisation_account_id": "bigint", "organisation_id": "bigint", "member_account_id": "bigint",
+    "member_id": "bigint", "amount_cents": "bigint", "type": "varchar",
     "description": "varchar", "principal": "varchar", "payment_id": "varchar", "reference": "varchar",
     "event_id": "bigint", "session_id": "bigint", "event_kind": "varchar", "route_code": "varchar",
     "route_payload": "text", "record_principal": "varchar", "record_key": "varchar", "record_method": "varchar",
@@ -256,19 +256,16 @@ class LoopConnection:
                     ready.set_result(None)
 
             if state == psycopg2.extensions.POLL_READ:
-                loop.add_reader(fd, wake)
-                try:
-                    await ready
-                finally:
-                    loop.remove_reader(fd)
+                watch, unwatch = loop.add_reader, loop.remove_reader
             elif state == psycopg2.extensions.POLL_WRITE:
-                loop.add_writer(fd, wake)
-                try:
-                    await ready
-                finally:
-                    loop.remove_writer(fd)
+                watch, unwatch = loop.add_writer, loop.remove_writer
             else:
                 raise psycopg2.OperationalError(f"unexpected connection state {state}")
+            watch(fd, wake)
+            try:
+                await ready
+            finally:
+                unwatch(fd)
 
     def close(self) -> None:
         if self._conn is not None:
