@@ -36,9 +36,6 @@ class Pending:
     method: str
     request_hash: str
 
-    def values(self) -> dict:
-        return {"principal": self.principal, "key": self.key, "method": self.method, "request_hash": self.request_hash}
-
 
 @dataclass(frozen=True)
 class Stored:
@@ -92,7 +89,8 @@ def response_around(response: Message, field: str) -> tuple[bytes, bytes]:
     head.CopyFrom(response)
     tail.CopyFrom(response)
     for descriptor, _ in response.ListFields():
-        (tail if descriptor.number <= number else head).ClearField(descriptor.name)
-        if descriptor.number == number:
+        if descriptor.number >= number:  # the field itself and what follows it
             head.ClearField(descriptor.name)
+        if descriptor.number <= number:  # what precedes it and the field itself
+            tail.ClearField(descriptor.name)
     return head.SerializeToString(deterministic=True) + _varint(number << 3), tail.SerializeToString(deterministic=True)

@@ -159,7 +159,7 @@ def in_one_statement(cmd: PayCommand) -> bool:
 
 
 def new_batcher(db: Database) -> one_statement.PaymentBatcher:
-    """One per process: Pays to one organisation that arrive together share a statement."""
+    """One per process: Pays that arrive while a statement is in flight share the next one."""
     return one_statement.PaymentBatcher(db, DEFAULT_FEE_SETTINGS.low_balance_limit_cents)
 
 
