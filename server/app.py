@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 from cobalt.payments.v1 import payments_pb2, payments_pb2_grpc
 from server.api import call_log
+from server.api.accept_ahead import AcceptAhead
 from server.api.auth import Authenticator
 from server.api.interceptors import ServiceInterceptor
 from server.api.servicer import PaymentsServicer
@@ -78,21 +79,25 @@ class PaymentsServer:
         self.servicer = PaymentsServicer(settings, self.db, self.executor)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         self.server: grpc.aio.Server | None = None
+        self.accept_ahead = AcceptAhead(settings.grpc_accept_ahead)
         self.port = 0
 
     async def start(self) -> int:
         migrate.upgrade(self.db.engine)
+        interceptors = (ServiceInterceptor(Authenticator(self.settings.auth_tokens)),)
         server = grpc.aio.server(
-            interceptors=[ServiceInterceptor(Authenticator(self.settings.auth_tokens))],
+            interceptors=interceptors,
             options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 * 1024 * 1024)],
         )
         payments_pb2_grpc.add_PaymentsServiceServicer_to_server(self.servicer, server)
+        payments_pb2_grpc.add_PaymentsServiceServicer_to_server(self.servicer, self.accept_ahead)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         self.port = server.add_insecure_port(self.settings.grpc_addr)
         if self.port == 0:
             raise SystemExit(f"cannot listen on {self.settings.grpc_addr}")
         await server.start()
+        self.accept_ahead.start(server, interceptors)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self.server = server
         await self.servicer.on_server_start()
@@ -112,6 +117,7 @@ class PaymentsServer:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.servicer.on_server_stop()
         await self.server.stop(self.settings.shutdown_grace_s if grace_s is None else grace_s)
+        await self.accept_ahead.stop()
         self.server = None
         self.servicer.close()
         self.executor.shutdown(wait=True)

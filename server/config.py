@@ -16,6 +16,13 @@ def _int(name: str, default: int) -> int:
         raise SystemExit(f"{name} must be an integer, got {raw!r}") from exc
 
 
+def _int_in(name: str, default: int, low: int, high: int) -> int:
+    value = _int(name, default)
+    if not low <= value <= high:
+        raise SystemExit(f"{name} must be between {low} and {high}, got {value}")
+    return value
+
+
 def _choice(name: str, allowed: tuple[str, ...]) -> str:
     """One of `allowed` (the first when unset)."""
     raw = (os.environ.get(name) or allowed[0]).strip().lower()
@@ -43,6 +50,7 @@ class Settings:
     event_poll_interval_ms: int = 1000  # the event stream's fallback poll when no wake-up comes
     shutdown_grace_s: int = 5
     event_loop: str = "uvloop"  # or "asyncio" (the standard library's loop)
+    grpc_accept_ahead: int = 8  # requests for a method's next call kept open beyond grpc.aio's one (0: off)
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -63,4 +71,5 @@ class Settings:
             event_poll_interval_ms=_int("PAYMENTS_EVENT_POLL_INTERVAL_MS", 1000),
             shutdown_grace_s=_int("PAYMENTS_SHUTDOWN_GRACE_S", 5),
             event_loop=_choice("PAYMENTS_EVENT_LOOP", ("uvloop", "asyncio")),
+            grpc_accept_ahead=_int_in("PAYMENTS_GRPC_ACCEPT_AHEAD", 8, 0, 64),
         )

@@ -1,4 +1,4 @@
-"""Settings from the environment: the event loop the server runs on."""
+"""Settings from the environment: the event loop the server runs on, accept-ahead."""
 
 from __future__ import annotations
 
@@ -38,3 +38,17 @@ def test_a_started_server_collects_garbage_less_often_and_not_what_startup_loade
 
     assert gc.get_threshold() == GC_THRESHOLDS
     assert gc.get_freeze_count() > 10_000, "startup's objects are out of the collector's sight"
+
+
+def test_accept_ahead_is_eight_unless_told_otherwise_and_a_bad_value_stops_the_start(monkeypatch) -> None:  # noqa: ANN001
+    monkeypatch.delenv("PAYMENTS_GRPC_ACCEPT_AHEAD", raising=False)
+    assert Settings.from_env().grpc_accept_ahead == 8
+    monkeypatch.setenv("PAYMENTS_GRPC_ACCEPT_AHEAD", "0")
+    assert Settings.from_env().grpc_accept_ahead == 0
+    for bad in ("-1", "65"):
+        monkeypatch.setenv("PAYMENTS_GRPC_ACCEPT_AHEAD", bad)
+        with pytest.raises(SystemExit, match=f"PAYMENTS_GRPC_ACCEPT_AHEAD must be between 0 and 64, got {bad}"):
+            Settings.from_env()
+    monkeypatch.setenv("PAYMENTS_GRPC_ACCEPT_AHEAD", "many")
+    with pytest.raises(SystemExit, match="PAYMENTS_GRPC_ACCEPT_AHEAD must be an integer"):
+        Settings.from_env()
