@@ -31,7 +31,8 @@ import psycopg2.extensions
 
 from server.ledger.db import Database, PreparedSql, utcnow
 
-MAX_BATCH = 32  # payments in one statement
+# payments in one statement: with calls accepted ahead, a third of statements filled 32 (64 measured 2 to 10 % faster)
+MAX_BATCH = 64
 # How long the statement may wait for a row lock (a member's or a club's, held by a careful-path
 # transaction) before it fails and its payments take the careful path. Every Pay of the process queues
 # behind the statement in flight, so one slow lock must not hold them all for longer than this.
