@@ -171,3 +171,30 @@ def test_bad_token_configuration_stops_the_server(tmp_path):
     with pytest.raises(RuntimeError, match="unknown role"):
         srv.start(timeout_s=20)
     assert srv.proc is not None and srv.proc.wait(10) != 0
+
+
+@pytest.mark.parametrize("method, principal, status, duration_ms, request_id", [
+    ("Pay", "shop", "OK", 1.25, "abc"),
+    ('Get"Balance\\', None, "NOT_FOUND", 12.0, "line\nbreak \u2028 caf\u00e9 \U0001f600"),
+    ("Settle", "ops", "OK", 0.1 + 0.2, ""),
+])
+def test_the_call_line_is_what_json_writes_for_it(method, principal, status, duration_ms, request_id) -> None:  # noqa: ANN001
+    """The line is written by hand for speed: it must be exactly json's encoding of the same dict,
+    whatever a caller puts in its request id."""
+    import io
+    import json
+
+    from server.api import call_log
+
+    out, before = io.StringIO(), call_log._stream
+    call_log.configure(out)
+    try:
+        call_log.write_call_line(method, principal, status, duration_ms, request_id)
+    finally:
+        call_log.configure(before)
+    line = out.getvalue()
+    assert line.endswith("\n") and line.count("\n") == 1
+    parsed = json.loads(line)
+    assert parsed == {"method": method, "principal": principal, "status": status, "duration_ms": duration_ms,
+                      "request_id": request_id, "event": "rpc", "level": "info", "timestamp": parsed["timestamp"]}
+    assert line[:-1] == json.dumps(parsed)

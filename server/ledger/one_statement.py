@@ -24,7 +24,7 @@ committed and every payment in it takes the careful path.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import psycopg2
 import psycopg2.extensions
@@ -48,10 +48,10 @@ _VARINT_OF_BALANCE = (
 )
 
 
-@dataclass(frozen=True)
-class MemberPayment:
+class MemberPayment(NamedTuple):
     """One payment of the statement: the transaction's and the event's values, and the record's.
-    The stored response is `response_head` + varint(the member's balance after) + `response_tail`."""
+    The stored response is `response_head` + varint(the member's balance after) + `response_tail`.
+    (A named tuple: immutable as a frozen dataclass is, and made in half the time: one per Pay.)"""
 
     organisation_account_id: int
     organisation_id: int
