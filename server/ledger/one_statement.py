@@ -23,20 +23,16 @@ committed and every payment in it takes the careful path.
 
 from __future__ import annotations
 
-import asyncio
 from typing import NamedTuple
 
 import psycopg2
 import psycopg2.extensions
 
 from server.ledger.db import Database, PreparedSql, utcnow
+from server.ledger.loop_connection import LoopConnection, StatementBatcher
 
 # payments in one statement: with calls accepted ahead, a third of statements filled 32 (64 measured 2 to 10 % faster)
 MAX_BATCH = 64
-# How long the statement may wait for a row lock (a member's or a club's, held by a careful-path
-# transaction) before it fails and its payments take the careful path. Every Pay of the process queues
-# behind the statement in flight, so one slow lock must not hold them all for longer than this.
-LOCK_TIMEOUT_MS = 250
 _MISSING_MARK = "one-statement-payment-incomplete"
 
 # Protocol Buffers varint of a balance (0 <= b < 2**63: nine groups of 7 bits), low group first,
@@ -197,83 +193,6 @@ _PAY_SQL = _sql()
 _PAY_ONE_SQL = _single_sql()
 
 
-class LoopConnection:
-    """One PostgreSQL connection in psycopg2's asynchronous mode, driven by the event loop: a
-    statement is sent and its answer read on the loop itself, with no thread to hand it to and no
-    interpreter lock to win back when the answer comes (under load that hand-off and that wait
-    took a third of each statement's time). Opened on first use, again after it breaks; always in
-    autocommit, so a statement is its own transaction; waits for a row lock at most
-    LOCK_TIMEOUT_MS."""
-
-    def __init__(self, db: Database):
-        self.db = db
-        self._conn = None
-        self._prepared: set[str] = set()
-
-    async def fetch(self, sql: PreparedSql, params: dict) -> list[tuple]:
-        conn = await self._connection()
-        try:
-            cur = conn.cursor()
-            if sql.name not in self._prepared:
-                cur.execute(sql.prepare_sql)
-                await self._ready(conn)
-                self._prepared.add(sql.name)
-            cur.execute(sql.execute_sql, sql.values(params))
-            await self._ready(conn)
-            return cur.fetchall()
-        except BaseException as exc:
-            if conn.closed or not isinstance(exc, psycopg2.Error):
-                self.close()  # broken, or left with a statement in flight (cancelled): start afresh
-            raise
-
-    async def _connection(self):  # noqa: ANN202 - a psycopg2 connection
-        if self._conn is None or self._conn.closed:
-            args, kwargs = self.db.engine.dialect.create_connect_args(self.db.engine.url)
-            conn = psycopg2.connect(*args, **kwargs, async_=True)
-            try:
-                await self._ready(conn)
-                cur = conn.cursor()  # held until the answer is read: psycopg2 needs the cursor meanwhile
-                cur.execute(f"SET lock_timeout = {LOCK_TIMEOUT_MS}")
-                await self._ready(conn)
-            except BaseException:
-                conn.close()
-                raise
-            self._conn, self._prepared = conn, set()
-        return self._conn
-
-    @staticmethod
-    async def _ready(conn) -> None:  # noqa: ANN001
-        """Wait, on the loop, until psycopg2 says the connection's work is done (raises its errors)."""
-        loop = asyncio.get_running_loop()
-        while True:
-            state = conn.poll()
-            if state == psycopg2.extensions.POLL_OK:
-                return
-            ready = loop.create_future()
-            fd = conn.fileno()
-
-            def wake(ready: asyncio.Future = ready) -> None:
-                if not ready.done():
-                    ready.set_result(None)
-
-            if state == psycopg2.extensions.POLL_READ:
-                watch, unwatch = loop.add_reader, loop.remove_reader
-            elif state == psycopg2.extensions.POLL_WRITE:
-                watch, unwatch = loop.add_writer, loop.remove_writer
-            else:
-                raise psycopg2.OperationalError(f"unexpected connection state {state}")
-            watch(fd, wake)
-            try:
-                await ready
-            finally:
-                unwatch(fd)
-
-    def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-        self._conn, self._prepared = None, set()
-
-
 async def book_member_payments(connection: LoopConnection, payments: list[MemberPayment],
                                default_low_limit_cents: int) -> list[int | None]:
     """Book `payments` and commit them in one statement: for each, the member's balance after, or
@@ -304,52 +223,18 @@ async def book_member_payments(connection: LoopConnection, payments: list[Member
     return balances
 
 
-class PaymentBatcher:
-    """Group commit, on the server's event loop. While fewer than `max_in_flight` statements are in
-    flight a payment goes at once, alone; otherwise it waits, and as a statement returns, every
-    payment waiting (up to MAX_BATCH) goes in the next one. Under load payments share statements,
-    row locks and commits (a hot organisation's most of all); without load none waits. Payments are
-    queued and answered on the event loop, and the statements are sent and read there too
-    (`LoopConnection`), so a payment costs no hand-off to a thread and back. One statement in
-    flight per process measured best (README, Performance)."""
+class PaymentBatcher(StatementBatcher[MemberPayment, "int | None"]):
+    """The group commit of the one-statement Pay (`StatementBatcher`): a congress taking entries
+    takes its row lock, and waits for a commit, once per statement instead of once per Pay. One
+    statement in flight per process measured best (README, Performance)."""
 
     def __init__(self, db: Database, default_low_limit_cents: int, max_in_flight: int = 1):
-        self.db = db
+        super().__init__(db, MAX_BATCH, max_in_flight)
         self.default_low_limit_cents = default_low_limit_cents
-        self.max_in_flight = max_in_flight
-        self._connections = [LoopConnection(db) for _ in range(max_in_flight)]
-        self._waiting: list[tuple[MemberPayment, asyncio.Future]] = []
+
+    async def _run(self, connection: LoopConnection, items: list[MemberPayment]) -> list[int | None]:
+        return await book_member_payments(connection, items, self.default_low_limit_cents)
 
     async def book(self, payment: MemberPayment) -> int | None:
         """The member's balance after, or None: the payment was left out, and nothing of it written."""
-        loop = asyncio.get_running_loop()
-        answer = loop.create_future()
-        self._waiting.append((payment, answer))
-        if self._connections:  # one is free: it sends this payment (and any that wait) at once
-            loop.create_task(self._send(self._connections.pop()))
-        return await answer
-
-    async def _send(self, connection: LoopConnection) -> None:
-        """Send statements on `connection` while payments wait; each payment is told its own answer."""
-        try:
-            while self._waiting:
-                batch, self._waiting[:MAX_BATCH] = self._waiting[:MAX_BATCH], []
-                try:
-                    balances = await book_member_payments(connection, [p for p, _ in batch],
-                                                          self.default_low_limit_cents)
-                except BaseException as exc:  # every payment of the statement is told
-                    for _, answer in batch:
-                        if not answer.done():
-                            answer.set_exception(exc)
-                    if isinstance(exc, asyncio.CancelledError):
-                        raise
-                    continue
-                for (_, answer), balance in zip(batch, balances, strict=True):
-                    if not answer.done():  # a caller that went away is not answered (its retry replays)
-                        answer.set_result(balance)
-        finally:
-            self._connections.append(connection)
-
-    def close(self) -> None:
-        for connection in self._connections:
-            connection.close()
+        return await self.submit(payment)
