@@ -23,10 +23,12 @@ class LedgerApi(ApiBase):
         super().__init__(settings, db, executor)
         self.pay_batcher = pay.new_batcher(db)
         self.balance_reader = BalanceReader(db)
+        self.transfer_batcher = transfer.new_batcher(db)
 
     def close(self) -> None:
         self.pay_batcher.close()
         self.balance_reader.close()
+        self.transfer_batcher.close()
         super().close()
 
     # ---------------------------------------------------------------- Pay
@@ -198,10 +200,17 @@ class LedgerApi(ApiBase):
 
     async def Transfer(self, request: pb.TransferRequest, context) -> pb.TransferResponse:  # noqa: ANN001, N802
         cmd = self.transfer_command(request)
+
+        async def in_one_statement(record: idempotency.Pending) -> pb.TransferResponse | None:
+            t = transfer.member_transfer(cmd, record, self.transfer_response)
+            result = transfer.transferred_in_one_statement(t, await self.transfer_batcher.book(t))
+            return None if result is None else self.transfer_response(result)
+
         return await self.book_from_balance(
             context, "Transfer", request, pb.TransferResponse, lambda conn: transfer.transfer(conn, cmd),
             self.transfer_response, cmd.from_member_id,
-            lambda short: self.transfer_when_short(context, request, cmd, short))
+            lambda short: self.transfer_when_short(context, request, cmd, short),
+            first_try=in_one_statement if transfer.in_one_statement(cmd) else None)
 
     async def transfer_when_short(self, context, request: pb.TransferRequest,  # noqa: ANN001
                                   cmd: transfer.TransferCommand, short: InsufficientFunds) -> pb.TransferResponse:

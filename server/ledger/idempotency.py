@@ -79,18 +79,20 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
-def response_around(response: Message, field: str) -> tuple[bytes, bytes]:
-    """The stored form of `response` with an integer `field` the database fills in (a balance after):
-    (what comes before the field's value, what comes after). The value goes between them as a
-    varint; with a value that is not zero the three together are the response's deterministic
-    serialisation (fields in number order)."""
-    number = response.DESCRIPTOR.fields_by_name[field].number
-    head, tail = type(response)(), type(response)()
-    head.CopyFrom(response)
-    tail.CopyFrom(response)
-    for descriptor, _ in response.ListFields():
-        if descriptor.number >= number:  # the field itself and what follows it
-            head.ClearField(descriptor.name)
-        if descriptor.number <= number:  # what precedes it and the field itself
-            tail.ClearField(descriptor.name)
-    return head.SerializeToString(deterministic=True) + _varint(number << 3), tail.SerializeToString(deterministic=True)
+def response_around(response: Message, *fields: str) -> tuple[bytes, ...]:
+    """The stored form of `response` with integer `fields` the database fills in (balances after),
+    in field-number order: the bytes before the first field's value, between each value and the
+    next, and after the last. The values go between them as varints; with values that are not zero
+    the parts and values together are the response's deterministic serialisation (fields in number
+    order)."""
+    numbers = [response.DESCRIPTOR.fields_by_name[field].number for field in fields]
+    assert numbers == sorted(set(numbers)), "fields in number order, each once"
+    parts = []
+    for low, high in zip([0, *numbers], [*numbers, None], strict=True):
+        part = type(response)()
+        part.CopyFrom(response)
+        for descriptor, _ in response.ListFields():  # keep what lies strictly between low and high
+            if descriptor.number <= low or (high is not None and descriptor.number >= high):
+                part.ClearField(descriptor.name)
+        parts.append(part.SerializeToString(deterministic=True) + (_varint(high << 3) if high is not None else b""))
+    return tuple(parts)

@@ -35,13 +35,21 @@ from server.ledger.loop_connection import LoopConnection, StatementBatcher
 MAX_BATCH = 64
 _MISSING_MARK = "one-statement-payment-incomplete"
 
-# Protocol Buffers varint of a balance (0 <= b < 2**63: nine groups of 7 bits), low group first,
-# with the continuation bit on every byte but the last.
-_VARINT_OF_BALANCE = (
-    r"(SELECT string_agg(set_byte('\x00'::bytea, 0, "
-    "(((d.balance_cents >> (7 * i)) & 127) | (CASE WHEN (d.balance_cents >> (7 * i + 7)) > 0 THEN 128 ELSE 0 END))::int"
-    "), ''::bytea ORDER BY i) FROM generate_series(0, 8) AS i WHERE i = 0 OR (d.balance_cents >> (7 * i)) > 0)"
-)
+
+def varint_sql(value: str) -> str:
+    """SQL for the Protocol Buffers varint of `value`, a balance (0 <= b < 2**63: nine groups of 7
+    bits), low group first, with the continuation bit on every byte but the last."""
+    return (
+        r"(SELECT string_agg(set_byte('\x00'::bytea, 0, "
+        f"((({value} >> (7 * i)) & 127) | (CASE WHEN ({value} >> (7 * i + 7)) > 0 THEN 128 ELSE 0 END))::int"
+        f"), ''::bytea ORDER BY i) FROM generate_series(0, 8) AS i WHERE i = 0 OR ({value} >> (7 * i)) > 0)"
+    )
+
+
+_VARINT_OF_BALANCE = varint_sql("d.balance_cents")
+# the low-balance limit now: the newest fee settings', or the default when none were ever saved
+LOW_LIMIT_SQL = ("lim AS (SELECT COALESCE((SELECT low_balance_limit_cents FROM fee_settings ORDER BY version DESC "
+                 "LIMIT 1), %(default_low_limit_cents)s) AS cents)")
 
 
 class MemberPayment(NamedTuple):
@@ -87,8 +95,7 @@ def _sql() -> PreparedSql:
     arrays = ", ".join(f"CAST(%({col})s AS {sql_type}[])" for col, sql_type in _INPUT.items())
     return PreparedSql(
         f"WITH r AS MATERIALIZED (SELECT * FROM unnest({arrays}) AS r({', '.join(_INPUT)})), "
-        "lim AS (SELECT COALESCE((SELECT low_balance_limit_cents FROM fee_settings ORDER BY version DESC LIMIT 1), "
-        "%(default_low_limit_cents)s) AS cents), "
+        f"{LOW_LIMIT_SQL}, "
         # the members first, in id order (the one lock order)
         # (`= ANY` of the input array: an index scan, whatever the size of the batch)
         "lk AS MATERIALIZED (SELECT id FROM accounts WHERE id = ANY(CAST(%(member_account_id)s AS bigint[])) "
@@ -152,8 +159,7 @@ def _single_sql() -> PreparedSql:
         return f"CAST(%({col})s AS {_INPUT[col]})"
 
     return PreparedSql(
-        "WITH lim AS (SELECT COALESCE((SELECT low_balance_limit_cents FROM fee_settings ORDER BY version DESC LIMIT 1), "
-        "%(default_low_limit_cents)s) AS cents), "
+        f"WITH {LOW_LIMIT_SQL}, "
         "d AS (UPDATE accounts SET balance_cents = balance_cents - %(amount_cents)s, last_movement_at = %(at)s "
         "WHERE id = %(member_account_id)s AND balance_cents >= %(amount_cents)s + (SELECT cents FROM lim) "
         "RETURNING balance_cents), "
