@@ -1,5 +1,6 @@
 """One PostgreSQL connection driven by the server's event loop, and group commit over it: the
-statements of the common Pay (`one_statement`) and the balance reads (`balance_reads`) go this way."""
+statements of the common Pay (`one_statement`), the common Transfer (`transfer_statement`) and the
+balance reads (`balance_reads`) go this way."""
 
 from __future__ import annotations
 

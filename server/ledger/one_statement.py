@@ -26,7 +26,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import psycopg2
-import psycopg2.extensions
 
 from server.ledger.db import Database, PreparedSql, utcnow
 from server.ledger.loop_connection import LoopConnection, StatementBatcher
