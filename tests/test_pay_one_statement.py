@@ -240,6 +240,26 @@ def test_one_statement_books_several_payments_to_several_clubs(server, members_a
         assert _stored(server, payment.record_key) == expected.SerializeToString(deterministic=True)
 
 
+def test_text_of_every_kind_arrives_as_it_was_sent(server, members_and_clubs):  # noqa: ANN001
+    """The payments of a statement travel as one JSON document: quotes, backslashes, percent signs,
+    accents, emoji and JSON-looking payloads must arrive exactly as sent, on every row."""
+    texts = ['Entry "A" \\ 100%', "Café — Zoë's table", "\U0001f0cf Bridge night ♠♥", '{"table": 3, "x": "\\u0041"}']
+    batch = []
+    for i, (member, text) in enumerate(zip((1, 2, 4, 5), texts, strict=True)):
+        cmd = pay.PayCommand(principal="app", member_id=member, amount_cents=100 + i, organisation_id=7,
+                             other_member_id=None, description=text, payment_type=PostingType.ENTRY_TO_EVENT,
+                             route_code="R%d" % i, route_payload=text).validated()
+        batch.append(pay.member_payment(cmd, idempotency.Pending("app", f"text-{i}", "Pay", f"h{i}"),
+                                        LedgerApi.pay_response))
+    assert None not in _book_in_one_statement(server.db, batch)
+    for payment in batch:
+        rows = _rows(server, payment.payment_id)
+        assert rows["transaction"].description == payment.description
+        assert {p.description for p in rows["postings"]} == {payment.description}
+        assert (rows["event"].route_code, rows["event"].route_payload) == (payment.route_code, payment.route_payload)
+    check_invariants(server.db)
+
+
 @pytest.mark.parametrize("spoiler", ["unknown club", "key used before"])
 def test_one_failing_payment_fails_the_whole_statement(server, app, members_and_clubs, spoiler):  # noqa: ANN001
     app.pay(4, 100, organisation_id=8, idempotency_key="used")  # a record under key "used"

@@ -23,6 +23,7 @@ committed and every payment in it takes the careful path.
 
 from __future__ import annotations
 
+import json
 from typing import NamedTuple
 
 import psycopg2
@@ -79,7 +80,7 @@ class MemberPayment(NamedTuple):
     response_tail: bytes
 
 
-# column of the input (one array each) -> its SQL type
+# column of the input -> its SQL type
 _INPUT = {
     "n": "int", "organisation_account_id": "bigint", "organisation_id": "bigint", "member_account_id": "bigint",
     "member_id": "bigint", "amount_cents": "bigint", "type": "varchar",
@@ -90,10 +91,30 @@ _INPUT = {
 }
 
 
+def recordset_sql(param: str, columns: dict[str, str]) -> str:
+    """SQL for the rows of a statement, sent as one JSON document (`rows_json`): one value for
+    psycopg2 to adapt instead of an array per column. With 40 payments the arrays took 25 µs a payment
+    of the event loop's time to adapt, and PostgreSQL four times as long to read as this (bytea
+    columns travel as hex text, decoded where they are used)."""
+    typed = ", ".join(f"{col} {'text' if sql_type == 'bytea' else sql_type}" for col, sql_type in columns.items())
+    return f"json_to_recordset(CAST(%({param})s AS json)) AS r({typed})"
+
+
+def rows_json(items: list, bytea_columns: tuple[str, ...]) -> str:
+    """The rows of `items` (named tuples) for `recordset_sql`, each with its place `n`."""
+    rows = []
+    for n, item in enumerate(items):
+        row = item._asdict()
+        row["n"] = n
+        for col in bytea_columns:
+            row[col] = row[col].hex()
+        rows.append(row)
+    return json.dumps(rows)
+
+
 def _sql() -> PreparedSql:
-    arrays = ", ".join(f"CAST(%({col})s AS {sql_type}[])" for col, sql_type in _INPUT.items())
     return PreparedSql(
-        f"WITH r AS MATERIALIZED (SELECT * FROM unnest({arrays}) AS r({', '.join(_INPUT)})), "
+        f"WITH r AS MATERIALIZED (SELECT * FROM {recordset_sql('payments', _INPUT)}), "
         f"{LOW_LIMIT_SQL}, "
         # the members first, in id order (the one lock order)
         # (`= ANY` of the input array: an index scan, whatever the size of the batch)
@@ -140,7 +161,8 @@ def _sql() -> PreparedSql:
         "FROM d JOIN r USING (n) ORDER BY r.n RETURNING 1), "
         "rec AS (INSERT INTO idempotency_keys (principal, key, method, request_hash, response, created_at) "
         "SELECT r.record_principal, r.record_key, r.record_method, r.record_request_hash, "
-        f"r.response_head || {_VARINT_OF_BALANCE} || r.response_tail, %(at)s FROM d JOIN r USING (n) RETURNING 1), "
+        f"decode(r.response_head, 'hex') || {_VARINT_OF_BALANCE} || decode(r.response_tail, 'hex'), %(at)s "
+        "FROM d JOIN r USING (n) RETURNING 1), "
         "k AS (SELECT count(*) AS booked FROM d) "
         # Every row written, or the statement fails whole (the cast fails only when rows are missing).
         # The events and the records are written first, the postings (after the organisation's lock)
@@ -212,10 +234,10 @@ async def book_member_payments(connection: LoopConnection, payments: list[Member
         params["response_head"] = psycopg2.Binary(payments[0].response_head)
         params["response_tail"] = psycopg2.Binary(payments[0].response_tail)
     else:
-        params.update({col: [getattr(p, col) for p in payments] for col in _INPUT if col != "n"})
-        params["n"] = list(range(len(payments)))
-        params["response_head"] = [psycopg2.Binary(p.response_head) for p in payments]
-        params["response_tail"] = [psycopg2.Binary(p.response_tail) for p in payments]
+        params["payments"] = rows_json(payments, ("response_head", "response_tail"))
+        # (and the accounts as arrays, for `= ANY`: an index scan, whatever the size of the batch)
+        params["member_account_id"] = [p.member_account_id for p in payments]
+        params["organisation_account_id"] = [p.organisation_account_id for p in payments]
     try:
         rows = await connection.fetch(sql, params)
     except psycopg2.Error:

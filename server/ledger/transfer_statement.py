@@ -23,7 +23,7 @@ import psycopg2
 
 from server.ledger.db import Database, PreparedSql, utcnow
 from server.ledger.loop_connection import LoopConnection, StatementBatcher
-from server.ledger.one_statement import LOW_LIMIT_SQL, varint_sql
+from server.ledger.one_statement import LOW_LIMIT_SQL, recordset_sql, rows_json, varint_sql
 
 MAX_BATCH = 64  # transfers in one statement
 _MISSING_MARK = "one-statement-transfer-incomplete"
@@ -62,8 +62,7 @@ _INPUT = {
 }
 
 _SQL = PreparedSql(
-    f"WITH r AS MATERIALIZED (SELECT * FROM unnest({', '.join(f'CAST(%({c})s AS {t}[])' for c, t in _INPUT.items())}) "
-    f"AS r({', '.join(_INPUT)})), "
+    f"WITH r AS MATERIALIZED (SELECT * FROM {recordset_sql('transfers', _INPUT)}), "
     f"{LOW_LIMIT_SQL}, "
     # every account of the statement, payers and payees, in id order (the one lock order)
     "lk AS MATERIALIZED (SELECT id FROM accounts WHERE id = ANY(CAST(%(from_account_id)s AS bigint[]) "
@@ -97,8 +96,8 @@ _SQL = PreparedSql(
     "ok.reference, '', '', '', 0, 0, %(at)s FROM ok ORDER BY ok.n RETURNING 1), "
     "rec AS (INSERT INTO idempotency_keys (principal, key, method, request_hash, response, created_at) "
     "SELECT ok.record_principal, ok.record_key, ok.record_method, ok.record_request_hash, "
-    f"ok.response_head || {varint_sql('ok.from_after_cents')} || ok.response_mid || "
-    f"{varint_sql('ok.to_after_cents')} || ok.response_tail, %(at)s FROM ok RETURNING 1), "
+    f"decode(ok.response_head, 'hex') || {varint_sql('ok.from_after_cents')} || decode(ok.response_mid, 'hex') || "
+    f"{varint_sql('ok.to_after_cents')} || decode(ok.response_tail, 'hex'), %(at)s FROM ok RETURNING 1), "
     "k AS (SELECT count(*) AS booked FROM d) "
     # every row written, or the statement fails whole (the cast fails only when rows are missing)
     "SELECT ok.n, ok.from_after_cents, ok.to_after_cents, CASE WHEN (SELECT count(*) FROM ok) = k.booked "
@@ -117,12 +116,10 @@ async def book_member_transfers(connection: LoopConnection, transfers: list[Memb
     accounts = [a for t in transfers for a in (t.from_account_id, t.to_account_id)]
     assert len(set(accounts)) == len(accounts), "no account in two transfers of one statement"
     params: dict = {"at": utcnow(), "default_low_limit_cents": default_low_limit_cents,
-                    "n": list(range(len(transfers)))}
-    for col in _INPUT:
-        if col == "n":
-            continue
-        values = [getattr(t, col) for t in transfers]
-        params[col] = [psycopg2.Binary(v) for v in values] if _INPUT[col] == "bytea" else values
+                    "transfers": rows_json(transfers, ("response_head", "response_mid", "response_tail")),
+                    # (and the accounts as arrays, for `= ANY`: an index scan, whatever the size of the batch)
+                    "from_account_id": [t.from_account_id for t in transfers],
+                    "to_account_id": [t.to_account_id for t in transfers]}
     try:
         rows = await connection.fetch(_SQL, params)
     except psycopg2.Error:
