@@ -122,6 +122,7 @@ class PaymentsServer:
         self.servicer.close()
         self.executor.shutdown(wait=True)
         self.db.dispose()
+        call_log.flush()
         log.info("stopped")
 
     async def serve_forever(self) -> None:

@@ -248,7 +248,7 @@ def test_text_of_every_kind_arrives_as_it_was_sent(server, members_and_clubs):  
     for i, (member, text) in enumerate(zip((1, 2, 4, 5), texts, strict=True)):
         cmd = pay.PayCommand(principal="app", member_id=member, amount_cents=100 + i, organisation_id=7,
                              other_member_id=None, description=text, payment_type=PostingType.ENTRY_TO_EVENT,
-                             route_code="R%d" % i, route_payload=text).validated()
+                             route_code=f"R{i}", route_payload=text).validated()
         batch.append(pay.member_payment(cmd, idempotency.Pending("app", f"text-{i}", "Pay", f"h{i}"),
                                         LedgerApi.pay_response))
     assert None not in _book_in_one_statement(server.db, batch)
