@@ -19,7 +19,7 @@ from cobalt.payments.v1 import payments_pb2, payments_pb2_grpc
 from server.api import call_log
 from server.api.accept_ahead import AcceptAhead
 from server.api.auth import Authenticator
-from server.api.interceptors import ServiceInterceptor
+from server.api.interceptors import GuardedRegistration
 from server.api.servicer import PaymentsServicer
 from server.config import Settings
 from server.ledger import migrate
@@ -84,20 +84,20 @@ class PaymentsServer:
 
     async def start(self) -> int:
         migrate.upgrade(self.db.engine)
-        interceptors = (ServiceInterceptor(Authenticator(self.settings.auth_tokens)),)
         server = grpc.aio.server(
-            interceptors=interceptors,
             options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 * 1024 * 1024)],
         )
-        payments_pb2_grpc.add_PaymentsServiceServicer_to_server(self.servicer, server)
-        payments_pb2_grpc.add_PaymentsServiceServicer_to_server(self.servicer, self.accept_ahead)
+        # every handler of the service is registered wrapped by its guard (authentication, roles,
+        # error mapping, the call's log line), with the server and with accept-ahead alike
+        payments_pb2_grpc.add_PaymentsServiceServicer_to_server(
+            self.servicer, GuardedRegistration(server, Authenticator(self.settings.auth_tokens), also=(self.accept_ahead,)))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         self.port = server.add_insecure_port(self.settings.grpc_addr)
         if self.port == 0:
             raise SystemExit(f"cannot listen on {self.settings.grpc_addr}")
         await server.start()
-        self.accept_ahead.start(server, interceptors)
+        self.accept_ahead.start(server)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self.server = server
         await self.servicer.on_server_start()

@@ -1,5 +1,6 @@
 """Accept-ahead: the server keeps several requests for each method's next call open in gRPC core.
-Calls it takes run exactly as grpc.aio's own: authenticated, logged, answered. When grpc's
+Calls it takes run exactly as grpc.aio's own: authenticated, logged, answered (every method's
+handler is registered guarded, for both). When grpc's
 internals are not as expected (or it is turned off) the server serves on grpc.aio's loop alone, and
 a stop leaves nothing open."""
 
@@ -126,3 +127,31 @@ def test_stop_leaves_no_request_open_and_a_restart_accepts_again(tmp_path) -> No
         assert [a.balance_cents for a in answers] == [48_000] * 4
     finally:
         again.stop()
+
+
+def test_every_method_of_the_service_is_guarded(server) -> None:  # noqa: ANN001
+    """Handlers are wrapped at registration, not by an interceptor: every method of the service,
+    called without a token (an empty request of its type), is refused before its handler runs."""
+    service = pb.DESCRIPTOR.services_by_name["PaymentsService"]
+    registered = server.server.accept_ahead.handlers
+    assert set(registered) == {f"/{service.full_name}/{m.name}" for m in service.methods}
+    refused = {}
+    with grpc.insecure_channel(server.target) as channel:
+        for method in service.methods:
+            request_type = getattr(pb, method.input_type.name)
+            path = f"/{service.full_name}/{method.name}"
+            if method.server_streaming:
+                call = channel.unary_stream(path, request_serializer=request_type.SerializeToString)
+                try:
+                    list(call(request_type(), timeout=10))
+                    refused[method.name] = grpc.StatusCode.OK
+                except grpc.RpcError as err:
+                    refused[method.name] = err.code()
+            else:
+                call = channel.unary_unary(path, request_serializer=request_type.SerializeToString)
+                try:
+                    call(request_type(), timeout=10)
+                    refused[method.name] = grpc.StatusCode.OK
+                except grpc.RpcError as err:
+                    refused[method.name] = err.code()
+    assert refused == {m.name: grpc.StatusCode.UNAUTHENTICATED for m in service.methods}

@@ -7,8 +7,8 @@ started: with 64 Pays in flight, a Pay spent most of its time in that queue rath
 handled, and the server's statements carried a few payments each instead of dozens (README,
 Performance). Here `depth` more requests per method of the payments service are kept open, each in
 a task of its own, so calls that arrive together are started together. A call taken here starts
-exactly as one that grpc.aio takes: grpc's own `_handle_rpc` runs it, with the server's
-interceptors (authentication, the call log) and the same method handlers.
+exactly as one that grpc.aio takes: grpc's own `_handle_rpc` runs it, with the same method
+handlers, each already wrapped by its guard (authentication, the call log: `GuardedRegistration`).
 
 This reaches into grpc's private Cython module (it is written against the version in
 requirements.lock). At start every piece it needs is checked. When one is missing or has another
@@ -56,9 +56,9 @@ def _missing_internals(server: grpc.aio.Server) -> str:
 
 
 class AcceptAhead:
-    """Collects a service's method handlers as the generated `add_…Servicer_to_server` registers
-    them (it stands in for the server there), then, once the server has started, keeps `depth`
-    requests for the next call of each of them open."""
+    """Takes a service's method handlers as they are registered with the server (it is registered
+    with alongside the server), then, once the server has started, keeps `depth` requests for the
+    next call of each of them open."""
 
     def __init__(self, depth: int):
         self.depth = depth
@@ -82,8 +82,9 @@ class AcceptAhead:
     def open_requests(self) -> int:
         return sum(not task.done() for task in self._acceptors)
 
-    def start(self, server: grpc.aio.Server, interceptors: tuple) -> None:
-        """After `server.start()`; `interceptors` must be the very ones the server was built with."""
+    def start(self, server: grpc.aio.Server) -> None:
+        """After `server.start()`; the handlers must be those registered with the server (the server
+        has no interceptors: each handler is guarded itself)."""
         if self.depth <= 0:
             self.unavailable = "turned off (PAYMENTS_GRPC_ACCEPT_AHEAD=0)"
             return
@@ -98,11 +99,10 @@ class AcceptAhead:
         loop = asyncio.get_running_loop()
         for method in self.handlers:
             for _ in range(self.depth):
-                task = loop.create_task(self._accept(server._server, method, resolver, interceptors, loop))
+                task = loop.create_task(self._accept(server._server, method, resolver, loop))
                 self._acceptors.add(task)
 
-    async def _accept(self, core, method: str, resolver, interceptors: tuple,  # noqa: ANN001
-                      loop: asyncio.AbstractEventLoop) -> None:
+    async def _accept(self, core, method: str, resolver, loop: asyncio.AbstractEventLoop) -> None:  # noqa: ANN001
         from grpc._cython import cygrpc
 
         method_bytes = method.encode()
@@ -117,7 +117,7 @@ class AcceptAhead:
                 return
             self.accepted += 1
             call = loop.create_task(cygrpc._schedule_rpc_coro(
-                cygrpc._handle_rpc(method, resolver, interceptors, rpc_state, loop, False), rpc_state, loop, method))
+                cygrpc._handle_rpc(method, resolver, (), rpc_state, loop, False), rpc_state, loop, method))
             self._calls.add(call)
             call.add_done_callback(self._calls.discard)
 

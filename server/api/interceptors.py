@@ -1,4 +1,5 @@
-"""Cross-cutting work, done once for every call: authentication and roles, a request id, error
+"""Cross-cutting work, done once for every call by a guard around each handler of the payments service
+(wrapped at registration: `GuardedRegistration`): authentication and roles, a request id, error
 mapping, and one structured log line (method, principal, status, duration). Never a token."""
 
 from __future__ import annotations
@@ -24,42 +25,44 @@ current_principal: contextvars.ContextVar[Principal] = contextvars.ContextVar("c
 _PREFIX = f"/{SERVICE}/"
 
 
-class ServiceInterceptor(grpc.aio.ServerInterceptor):
-    """Wraps each method's handler once (the first time it is called) and keeps the wrapped handler:
-    the per-call work is the token lookup, the call itself and its log line."""
+class GuardedRegistration:
+    """Stands in for the gRPC server in the generated `add_PaymentsServiceServicer_to_server`: each
+    method handler of the payments service is wrapped by its guard there, once, and only the
+    wrapped handlers reach the server (and `also`, such as accept-ahead). There is no other way for
+    a call to reach a handler, so every call is authenticated and logged; and no per-call
+    interceptor runs (grpc's interceptor machinery cost 3 to 4 % of a Pay's server CPU)."""
 
-    def __init__(self, authenticator: Authenticator):
+    def __init__(self, server, authenticator: Authenticator, *, also=()):  # noqa: ANN001
+        self._targets = (server, *also)
         self._auth = authenticator
-        self._wrapped: dict[str, grpc.RpcMethodHandler | None] = {}
+        self.wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
-    async def intercept_service(self, continuation, handler_call_details):  # noqa: ANN001
-        full_method = handler_call_details.method
-        try:
-            return self._wrapped[full_method]
-        except KeyError:
-            pass
-        handler = await continuation(handler_call_details)
-        if handler is None or not full_method.startswith(_PREFIX):
-            return handler  # health, reflection and unknown methods: as they are
-        wrapped = self._wrap(full_method[len(_PREFIX):], handler)
-        self._wrapped[full_method] = wrapped
-        return wrapped
+    def add_generic_rpc_handlers(self, handlers: object) -> None:
+        """The unwrapped generic form: replaced by the wrapped one in `add_registered_method_handlers`."""
 
-    def _wrap(self, method: str, handler):  # noqa: ANN001, ANN202
-        guard = _Guard(method, self._auth)
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                guard.wrap_unary(handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                guard.wrap_stream(handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        assert f"/{service}/" == _PREFIX, f"only the payments service is guarded here, not {service}"
+        wrapped = {method: _wrap(_Guard(method, self._auth), handler) for method, handler in handlers.items()}
+        self.wrapped.update({f"/{service}/{method}": handler for method, handler in wrapped.items()})
+        for target in self._targets:
+            target.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, wrapped),))
+            target.add_registered_method_handlers(service, wrapped)
+
+
+def _wrap(guard: _Guard, handler):  # noqa: ANN001, ANN202
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(
+            guard.wrap_unary(handler.unary_unary),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(
+            guard.wrap_stream(handler.unary_stream),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    raise TypeError(f"{guard.method}: only unary and server-streaming methods are guarded")
 
 
 _request_numbers = itertools.count(1)
