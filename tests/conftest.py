@@ -185,6 +185,14 @@ def server(request) -> Iterator[RunningServer]:  # noqa: ANN001
 
 
 @pytest.fixture
+def pg_server(postgresql_server: RunningServer) -> RunningServer:
+    """The PostgreSQL server alone, with empty tables: a test file of PostgreSQL-only paths overrides
+    `server` with it (`app` and `admin` then talk to it)."""
+    _truncate_all(postgresql_server.db)
+    return postgresql_server
+
+
+@pytest.fixture
 def app(server: RunningServer) -> Iterator[PaymentsClient]:
     with server.client("app") as c:
         yield c

@@ -87,29 +87,24 @@ def _own_server(tmp_path, **overrides) -> RunningServer:  # noqa: ANN001, ANN003
     return srv
 
 
-def test_turned_off_the_server_serves_on_grpc_aio_alone(tmp_path) -> None:  # noqa: ANN001
-    srv = _own_server(tmp_path, grpc_accept_ahead=0)
+def _serves_on_grpc_aio_alone(srv: RunningServer, why_off: str) -> None:
     try:
-        assert srv.server.accept_ahead.unavailable.startswith("turned off")
+        assert why_off in srv.server.accept_ahead.unavailable
         assert srv.server.accept_ahead.open_requests == 0
         _fund(srv, 8)
         assert [a.balance_cents for a in _pay_concurrently(srv, 8)] == [49_000] * 8
         assert srv.server.accept_ahead.accepted == 0
     finally:
         srv.stop()
+
+
+def test_turned_off_the_server_serves_on_grpc_aio_alone(tmp_path) -> None:  # noqa: ANN001
+    _serves_on_grpc_aio_alone(_own_server(tmp_path, grpc_accept_ahead=0), "turned off")
 
 
 def test_unexpected_grpc_internals_leave_it_off_and_the_server_serving(tmp_path, monkeypatch) -> None:  # noqa: ANN001
     monkeypatch.setattr(accept_ahead, "_HANDLE_RPC_ARGS", ("method_name", "something_else"))
-    srv = _own_server(tmp_path)
-    try:
-        assert "_handle_rpc" in srv.server.accept_ahead.unavailable
-        assert srv.server.accept_ahead.open_requests == 0
-        _fund(srv, 8)
-        assert [a.balance_cents for a in _pay_concurrently(srv, 8)] == [49_000] * 8
-        assert srv.server.accept_ahead.accepted == 0
-    finally:
-        srv.stop()
+    _serves_on_grpc_aio_alone(_own_server(tmp_path), "_handle_rpc")
 
 
 def test_stop_leaves_no_request_open_and_a_restart_accepts_again(tmp_path) -> None:  # noqa: ANN001

@@ -11,7 +11,6 @@ from datetime import UTC, datetime
 
 import grpc
 import pytest
-from conftest import _truncate_all
 
 from server.domain.errors import NotFound
 from server.domain.types import AutoTopUpStatus, SystemAccount, member_account, organisation_account, system_account
@@ -23,9 +22,8 @@ pytestmark = pytest.mark.postgres
 
 
 @pytest.fixture
-def server(postgresql_server):  # noqa: ANN001, ANN201
-    _truncate_all(postgresql_server.db)
-    return postgresql_server
+def server(pg_server):  # noqa: ANN001, ANN201 - PostgreSQL alone
+    return pg_server
 
 
 @pytest.fixture

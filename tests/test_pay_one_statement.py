@@ -11,11 +11,9 @@ import time
 
 import grpc
 import pytest
-from conftest import _truncate_all
 from ledger_invariants import check_invariants, snapshot
 from sqlalchemy import select
 
-from clients.payments_client import PaymentsClient
 from cobalt.payments.v1 import payments_pb2 as pb
 from server.api.ledger_api import LedgerApi
 from server.domain.types import PostingType, member_account, organisation_account
@@ -29,21 +27,10 @@ MEMBER, ORG = 1, 7
 
 
 @pytest.fixture
-def server(postgresql_server):  # noqa: ANN001, ANN201
-    _truncate_all(postgresql_server.db)
-    return postgresql_server
+def server(pg_server):  # noqa: ANN001, ANN201 - PostgreSQL alone
+    return pg_server
 
 
-@pytest.fixture
-def app(server) -> PaymentsClient:  # noqa: ANN001
-    with server.client("app") as c:
-        yield c
-
-
-@pytest.fixture
-def admin(server) -> PaymentsClient:  # noqa: ANN001
-    with server.client("admin") as c:
-        yield c
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ import uuid
 
 import grpc
 import pytest
-from conftest import _truncate_all
 from ledger_invariants import check_invariants, snapshot
 from sqlalchemy import select
 
@@ -28,21 +27,10 @@ pytestmark = pytest.mark.postgres
 
 
 @pytest.fixture
-def server(postgresql_server):  # noqa: ANN001, ANN201
-    _truncate_all(postgresql_server.db)
-    return postgresql_server
+def server(pg_server):  # noqa: ANN001, ANN201 - PostgreSQL alone
+    return pg_server
 
 
-@pytest.fixture
-def app(server):  # noqa: ANN001, ANN201
-    with server.client("app") as c:
-        yield c
-
-
-@pytest.fixture
-def admin(server):  # noqa: ANN001, ANN201
-    with server.client("admin") as c:
-        yield c
 
 
 @pytest.fixture
