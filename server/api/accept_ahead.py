@@ -56,9 +56,8 @@ def _missing_internals(server: grpc.aio.Server) -> str:
 
 
 class AcceptAhead:
-    """Takes a service's method handlers as they are registered with the server (it is registered
-    with alongside the server), then, once the server has started, keeps `depth` requests for the
-    next call of each of them open."""
+    """Registered with alongside the server (`GuardedRegistration`), it keeps the service's method
+    handlers; once the server has started, it keeps `depth` requests open for the next call of each."""
 
     def __init__(self, depth: int):
         self.depth = depth
