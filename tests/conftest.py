@@ -184,6 +184,21 @@ def server(request) -> Iterator[RunningServer]:  # noqa: ANN001
     _ran_on[request.param] += 1
 
 
+def record_answers(monkeypatch, module, name: str) -> list:  # noqa: ANN001
+    """Replace the coroutine function `module.name`, which answers a list, with one that also keeps
+    every answer in the list returned here (what each one-statement try answered, say)."""
+    seen: list = []
+    real = getattr(module, name)
+
+    async def spy(*args):  # noqa: ANN002, ANN202
+        answers = await real(*args)
+        seen.extend(answers)
+        return answers
+
+    monkeypatch.setattr(module, name, spy)
+    return seen
+
+
 @pytest.fixture
 def pg_server(postgresql_server: RunningServer) -> RunningServer:
     """The PostgreSQL server alone, with empty tables: a test file of PostgreSQL-only paths overrides

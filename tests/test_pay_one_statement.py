@@ -11,6 +11,7 @@ import time
 
 import grpc
 import pytest
+from conftest import record_answers
 from ledger_invariants import check_invariants, snapshot
 from sqlalchemy import select
 
@@ -31,21 +32,10 @@ def server(pg_server):  # noqa: ANN001, ANN201 - PostgreSQL alone
     return pg_server
 
 
-
-
 @pytest.fixture
 def one_statement_results(monkeypatch) -> list:  # noqa: ANN001
     """What each try of the one statement answered (a balance, or None: it changed nothing)."""
-    seen: list = []
-    real = one_statement.book_member_payments
-
-    async def spy(connection, payments, default_low_limit_cents):  # noqa: ANN001, ANN202
-        answers = await real(connection, payments, default_low_limit_cents)
-        seen.extend(answers)
-        return answers
-
-    monkeypatch.setattr(one_statement, "book_member_payments", spy)
-    return seen
+    return record_answers(monkeypatch, one_statement, "book_member_payments")
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import uuid
 
 import grpc
 import pytest
+from conftest import record_answers
 from ledger_invariants import check_invariants, snapshot
 from sqlalchemy import select
 
@@ -31,21 +32,10 @@ def server(pg_server):  # noqa: ANN001, ANN201 - PostgreSQL alone
     return pg_server
 
 
-
-
 @pytest.fixture
 def statement_results(monkeypatch) -> list:  # noqa: ANN001
     """What each transfer sent to the one statement got: balances after, or None (it changed nothing)."""
-    seen: list = []
-    real = transfer_statement.book_member_transfers
-
-    async def spy(connection, transfers, default_low_limit_cents):  # noqa: ANN001, ANN202
-        answers = await real(connection, transfers, default_low_limit_cents)
-        seen.extend(answers)
-        return answers
-
-    monkeypatch.setattr(transfer_statement, "book_member_transfers", spy)
-    return seen
+    return record_answers(monkeypatch, transfer_statement, "book_member_transfers")
 
 
 @pytest.fixture
