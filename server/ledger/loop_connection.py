@@ -4,6 +4,7 @@ balance reads (`balance_reads`) go this way."""
 
 from __future__ import annotations
 
+import abc
 import asyncio
 from typing import Generic, TypeVar
 
@@ -98,14 +99,13 @@ class LoopConnection:
         self._conn, self._prepared = None, set()
 
 
-class StatementBatcher(Generic[I, O]):
+class StatementBatcher(abc.ABC, Generic[I, O]):
     """Group commit, on the server's event loop. While fewer than `max_in_flight` statements are in
     flight an item goes at once, alone; otherwise it waits, and as a statement returns, every item
     waiting (up to `max_batch`) goes in the next one. Under load items share statements (and, for
     payments, row locks and commits); without load none waits. Items are queued and answered on the
     event loop, and the statements are sent and read there too (`LoopConnection`), so an item costs
-    no hand-off to a thread and back. `_run` sends one statement for a batch and answers one result
-    per item, in order."""
+    no hand-off to a thread and back. A subclass says in `_run` what the statement is."""
 
     def __init__(self, db: Database, max_batch: int, max_in_flight: int = 1):
         self.db = db
@@ -114,8 +114,9 @@ class StatementBatcher(Generic[I, O]):
         self._connections = [LoopConnection(db) for _ in range(max_in_flight)]
         self._waiting: list[tuple[I, asyncio.Future]] = []
 
+    @abc.abstractmethod
     async def _run(self, connection: LoopConnection, items: list[I]) -> list[O]:
-        raise NotImplementedError
+        """Send one statement for `items` on `connection`: one result per item, in order."""
 
     async def submit(self, item: I) -> O:
         loop = asyncio.get_running_loop()
