@@ -48,6 +48,12 @@ class BenchDatabase:
                 parts.append(f"{key}={value}")
         return " ".join(parts)
 
+    @property
+    def is_local(self) -> bool:
+        """The database runs on this host (so its processes' CPU can be read here)."""
+        host = make_url(self.url).host
+        return not host or host.startswith("/") or host in ("localhost", "127.0.0.1", "::1")
+
     def create(self) -> None:
         with self._admin.connect() as conn:
             conn.execute(text(f'CREATE DATABASE "{self.name}"'))

@@ -91,16 +91,10 @@ class ServerProcess:
                     raise RuntimeError(f"{self.name} did not become healthy: {self.log_tail()}")
                 time.sleep(0.1)
 
-    def cpu_s(self) -> float:
-        """CPU seconds (user + system) the server process has used so far."""
-        if self.proc is None:
-            return 0.0
-        try:
-            with open(f"/proc/{self.proc.pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except (OSError, IndexError, ValueError):
-            return 0.0
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, "not started"
+        return self.proc.pid
 
     def log_tail(self, chars: int = 2000) -> str:
         try:
@@ -279,11 +273,28 @@ async def subscribe_available(target: str, after_sequence: int) -> tuple[bool, s
         return True, ""
 
 
+async def _pay_at(stub, call: Call, rate_per_s: float, duration_s: float) -> int:  # noqa: ANN001
+    """Pay at a steady rate for `duration_s`; how many were paid."""
+    rng = random.Random(42)
+    stop_at = time.perf_counter() + duration_s
+    interval = 1.0 / rate_per_s
+    next_at = time.perf_counter()
+    pending = []
+    while time.perf_counter() < stop_at:
+        pending.append(asyncio.ensure_future(call(stub, rng)))
+        next_at += interval
+        await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+    await asyncio.gather(*pending)
+    return len(pending)
+
+
 async def delivery(pay_target: str, sub_target: str, *, subscribers: int, after_sequence: int, members: int,
-                   organisations: list[int], rate_per_s: float, duration_s: float) -> Samples:
+                   organisations: list[int], rate_per_s: float, duration_s: float, warmup_s: float = 0.0) -> Samples:
     """Open `subscribers` streams on `sub_target` filtered to one route code, pay at a steady rate
     through `pay_target`, and time each event from its commit-time stamp (taken inside the paying
-    transaction, so the figure includes the commit itself) to its arrival at each subscriber."""
+    transaction, so the figure includes the commit itself) to its arrival at each subscriber. For
+    `warmup_s` first, the same payments under another route code: the streams' server reads them
+    (and the paying one books them) but no stream is sent them, and they are not timed."""
     route = "DLV" + uuid.uuid4().hex[:6].upper()
     samples = Samples()
     sub_channel = grpc.aio.insecure_channel(sub_target)
@@ -309,19 +320,10 @@ async def delivery(pay_target: str, sub_target: str, *, subscribers: int, after_
     tasks = [asyncio.create_task(subscriber()) for _ in range(subscribers)]
     try:
         await asyncio.sleep(1.0)  # let every stream reach its live phase
-        call = pay_call(members, organisations, route_code=route)
-        rng = random.Random(42)
+        if warmup_s > 0:
+            await _pay_at(pay_stub, pay_call(members, organisations, route_code=route + "W"), rate_per_s, warmup_s)
         samples.started()
-        stop_at = time.perf_counter() + duration_s
-        interval = 1.0 / rate_per_s
-        next_at = time.perf_counter()
-        pending = []
-        while time.perf_counter() < stop_at:
-            pending.append(asyncio.ensure_future(call(pay_stub, rng)))
-            expected += 1
-            next_at += interval
-            await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
-        await asyncio.gather(*pending)
+        expected = await _pay_at(pay_stub, pay_call(members, organisations, route_code=route), rate_per_s, duration_s)
         deadline = time.perf_counter() + 5.0
         while received[0] < expected * subscribers and time.perf_counter() < deadline:
             await asyncio.sleep(0.05)

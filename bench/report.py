@@ -22,10 +22,36 @@ def table(results: dict) -> str:
             f"{name:<26} {row['per_s']:>9.0f} {_ms(row['p50_ms'])} {_ms(row['p95_ms'])} {_ms(row['p99_ms'])} "
             f"{ratio:>8}  {row.get('note', '')}"
         )
+    lines.extend(cpu_table(rows))
     lines.append("")
     for check in results.get("targets", []):
         lines.append(f"[{'met' if check['met'] else 'MISSED'}] {check['target']}: {check['value']}")
     return "\n".join(lines)
+
+
+def cpu_table(rows: dict) -> list[str]:
+    """Where each server scenario's CPU went (`bench.cpu`): a blank line and a table, or nothing."""
+    measured = {name: row["cpu"] for name, row in rows.items() if row.get("cpu")}
+    if not measured:
+        return []
+    header = (f"{'CPU per operation':<26} {'server':>8} {'Postgres':>8} {'load gen':>8}   "
+              f"{'server loop thread: running':>28} {'waiting for a CPU':>18} {'machine idle':>13}")
+    lines = ["", header, "-" * len(header)]
+    for name, cpu in measured.items():
+        lines.append(f"{name:<26} {_num(cpu.get('server_ms_per_op'))} {_num(cpu.get('postgresql_ms_per_op'))} "
+                     f"{_num(cpu.get('load_generator_ms_per_op'))}   {_share(cpu.get('server_loop_running'), 28)} "
+                     f"{_share(cpu.get('server_loop_waiting_for_cpu'), 18)} {_share(cpu.get('machine_idle'), 13)}")
+    lines.append("(ms of CPU per operation; the shares are of the measured time, for the server loop thread the mean "
+                 "over the server processes)")
+    return lines
+
+
+def _num(value: float | None) -> str:
+    return f"{value:>8.3f}" if value is not None else f"{'-':>8}"
+
+
+def _share(value: float | None, width: int) -> str:
+    return f"{value:>{width}.0%}" if value is not None else f"{'-':>{width}}"
 
 
 def _ms(value: float | None) -> str:

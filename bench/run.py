@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from bench import floor, load, report
+from bench import cpu, floor, load, report
 from bench.database import BenchDatabase, Seed
 from server.domain.types import member_account
 from server.services.statements import _encode_token
@@ -122,27 +122,31 @@ def run_scenarios(plan: Plan, db: BenchDatabase, results: dict, servers: list, n
         return not only or any(name.startswith(p) for p in only)
 
     def record(name: str, samples, *, throughput: bool = True, note: str = "",  # noqa: ANN001
-               server_cpu_s: float | None = None) -> None:
+               cpu_split: dict | None = None) -> None:
         row = samples.summary()
-        if server_cpu_s is not None and row["count"]:
-            row["server_cpu_ms_per_op"] = round(server_cpu_s * 1000 / row["count"], 3)
+        if cpu_split is not None:
+            row["cpu"] = cpu_split
+            if cpu_split["server_ms_per_op"] is not None:
+                row["server_cpu_ms_per_op"] = cpu_split["server_ms_per_op"]
         row["throughput"] = throughput
         row["note"] = note
         row["invariants"] = db.check_invariants(name)
         if name in profiles:
             row["profile"] = profiles.pop(name)
         rows[name] = row
-        cpu = f", server CPU {row['server_cpu_ms_per_op']} ms/op" if "server_cpu_ms_per_op" in row else ""
-        cpu += f", profile {row['profile']}" if "profile" in row else ""
-        print(f"  {name:<26} {row['per_s']:>8.0f}/s  p50 {row['p50_ms']} ms  p99 {row['p99_ms']} ms{cpu}  "
+        extra = f"; {cpu.describe(cpu_split)}" if cpu_split else ""
+        extra += f"; profile {row['profile']}" if "profile" in row else ""
+        print(f"  {name:<26} {row['per_s']:>8.0f}/s  p50 {row['p50_ms']} ms  p99 {row['p99_ms']} ms{extra}  "
               f"(invariants ok, {row['invariants']['check_s']} s)", flush=True)
 
     # 1. the floor
     for name, payees in (("floor_spread", orgs), ("floor_hot", orgs[:1])):
         if wanted(name):
+            meter = cpu.CpuMeter([], postgres_is_local=db.is_local)  # the floor's own threads are the load
+            meter.start()
             s = floor.run_floor(db.connect, threads=plan.floor_threads, duration_s=plan.floor_s, members=members,
                                 organisations=payees)
-            record(name, s, note=f"bare psycopg2, {plan.floor_threads} threads, "
+            record(name, s, cpu_split=meter.stop(len(s.latencies_s)), note=f"bare psycopg2, {plan.floor_threads} threads, "
                                  f"{'one organisation' if len(payees) == 1 else f'{len(payees)} organisations'}")
 
     for i in range(n_servers):
@@ -150,11 +154,11 @@ def run_scenarios(plan: Plan, db: BenchDatabase, results: dict, servers: list, n
         servers.append(srv)
         srv.start()
     flight = plan.in_flight
-    cpu_used: list[float] = [0.0]
+    cpu_used: list[dict] = [{}]
 
     def closed(call, duration_s: float, in_flight: int = flight, warmup_s: float = 0.0,  # noqa: ANN001, ANN202
                on: list | None = None, profile_as: str = ""):
-        """Run a closed loop; the server CPU it cost (measured part only) goes to cpu_used[0]. With
+        """Run a closed loop; where its CPU went (measured part only, `bench.cpu`) goes to cpu_used[0]. With
         `profile_as` (and --profile), the first server is recorded with py-spy meanwhile."""
         procs = on or servers[:n_servers]
         where = [s.target for s in procs]
@@ -163,9 +167,10 @@ def run_scenarios(plan: Plan, db: BenchDatabase, results: dict, servers: list, n
         spy = None
         if profile_as and profile_stem:
             spy = load.Profiler(procs[0], report.RESULTS_DIR / f"{profile_stem}-{profile_as}.svg", duration_s)
-        before = sum(s.cpu_s() for s in procs)
+        meter = cpu.CpuMeter([s.pid for s in procs], postgres_is_local=db.is_local)
+        meter.start()
         samples = load.run(load.closed_loop(where, call, in_flight=in_flight, duration_s=duration_s))
-        cpu_used[0] = sum(s.cpu_s() for s in procs) - before
+        cpu_used[0] = meter.stop(len(samples.latencies_s))
         if spy is not None:
             profiles[profile_as] = spy.finish()
         return samples
@@ -173,17 +178,17 @@ def run_scenarios(plan: Plan, db: BenchDatabase, results: dict, servers: list, n
     # 2-3. Pay
     if wanted("pay_spread"):
         s = closed(load.pay_call(members, orgs), plan.pay_s, warmup_s=plan.warmup_s, profile_as="pay_spread")
-        record("pay_spread", s, note=f"gRPC, {flight} in flight, {len(orgs)} organisations", server_cpu_s=cpu_used[0])
+        record("pay_spread", s, note=f"gRPC, {flight} in flight, {len(orgs)} organisations", cpu_split=cpu_used[0])
     if wanted("pay_hot"):
         s = closed(load.pay_call(members, orgs[:1]), plan.pay_s, warmup_s=plan.warmup_s, profile_as="pay_hot")
-        record("pay_hot", s, note=f"gRPC, {flight} in flight, one organisation", server_cpu_s=cpu_used[0])
+        record("pay_hot", s, note=f"gRPC, {flight} in flight, one organisation", cpu_split=cpu_used[0])
     # 4. Transfer, GetBalance, GetStatement
     if wanted("transfer"):
         s = closed(load.transfer_call(members), plan.other_s)
-        record("transfer", s, note=f"member to member, {flight} in flight", server_cpu_s=cpu_used[0])
+        record("transfer", s, note=f"member to member, {flight} in flight", cpu_split=cpu_used[0])
     if wanted("get_balance"):
         s = closed(load.balance_call(members), plan.read_s)
-        record("get_balance", s, note=f"{flight} in flight", server_cpu_s=cpu_used[0])
+        record("get_balance", s, note=f"{flight} in flight", cpu_split=cpu_used[0])
     stmt_member = plan.seed.statement_member_id
     if wanted("statement"):
         created_at, posting_id = db.statement_deep_token_key(member_account(stmt_member), plan.deep_depth - 1)
@@ -193,7 +198,7 @@ def run_scenarios(plan: Plan, db: BenchDatabase, results: dict, servers: list, n
             # one caller at a time: the latency of the page itself, not of a queue in front of it
             s = closed(load.statement_call(stmt_member, token), plan.read_s, in_flight=1, warmup_s=0.2)
             record(name, s, throughput=False,
-                   note=f"{label}, 50 lines, {plan.seed.statement_postings:,} postings, 1 in flight", server_cpu_s=cpu_used[0])
+                   note=f"{label}, 50 lines, {plan.seed.statement_postings:,} postings, 1 in flight", cpu_split=cpu_used[0])
     # the other server model: two server processes on the one database, the load spread over both
     if n_servers == 1 and (wanted("pay_spread_2proc") or wanted("pay_hot_2proc") or wanted("delivery")):
         second = load.ServerProcess(db.url, env=server_env, name="server1")
@@ -204,7 +209,7 @@ def run_scenarios(plan: Plan, db: BenchDatabase, results: dict, servers: list, n
         if n_servers == 1 and wanted(name):
             s = closed(load.pay_call(members, payees), plan.pay_s, warmup_s=plan.warmup_s, on=servers[:2])
             record(name, s, note=f"gRPC, {flight} in flight over two server processes, {label}",
-                   server_cpu_s=cpu_used[0])
+                   cpu_split=cpu_used[0])
     # 5. commit -> Subscribe delivery
     if wanted("delivery"):
         run_delivery(plan, db, results, servers, server_env, record)
@@ -233,7 +238,8 @@ def run_delivery(plan: Plan, db: BenchDatabase, results: dict, servers: list, se
                              ("delivery_two_processes", servers[1].target)):
         s = load.run(load.delivery(servers[0].target, sub_target, subscribers=plan.subscribers,
                                       after_sequence=newest_sequence(db), members=plan.seed.members, organisations=orgs,
-                                      rate_per_s=plan.delivery_rate_per_s, duration_s=plan.delivery_s))
+                                      rate_per_s=plan.delivery_rate_per_s, duration_s=plan.delivery_s,
+                                      warmup_s=plan.warmup_s))
         if s.errors:
             raise AssertionError(f"{name}: {s.errors} events were not delivered to every subscriber")
         record(name, s, throughput=False,

@@ -42,6 +42,14 @@ def test_bench_quick_runs_and_the_invariants_hold() -> None:
             assert rows[name]["invariants"]["ok"] is True, name
             assert rows[name]["p50_ms"] <= rows[name]["p99_ms"], name
         assert data["final_check"]["ok"] is True
+        # where the CPU went (bench.cpu): the servers' and PostgreSQL's (local here) per operation
+        for name in ("pay_spread", "transfer", "pay_spread_2proc"):
+            split = rows[name]["cpu"]
+            assert split["server_ms_per_op"] > 0 and split["postgresql_ms_per_op"] > 0, (name, split)
+            assert rows[name]["server_cpu_ms_per_op"] == split["server_ms_per_op"]
+        floor_split = rows["floor_spread"]["cpu"]
+        assert floor_split["server_ms_per_op"] is None and floor_split["postgresql_ms_per_op"] > 0
+        assert "CPU per operation" in proc.stdout
         for name in ("delivery_one_process", "delivery_two_processes"):
             assert rows[name].get("skipped") or rows[name]["count"] > 0, name
         assert "x floor" in proc.stdout  # the table was printed
