@@ -441,3 +441,30 @@ def test_paging_and_a_small_ring_keep_order_and_filters(backend, tmp_path, reque
     finally:
         srv.stop()
         record_backend(backend)
+
+
+@pytest.mark.postgres
+def test_on_postgresql_the_reader_reads_again_after_its_connection_is_lost(pg_server, collectors):
+    """The reader probes and reads on a connection of its own, on the event loop. Killed, it is
+    opened again, and the stream goes on with nothing lost or repeated."""
+    from server.events.hub import _PROBE, _READ_RANGE
+
+    with pg_server.client("app") as app, pg_server.client("admin") as admin:
+        admin.upsert_organisation(7, "Club")
+        admin.adjust(50_000, "credit", member_id=1)
+        stream = collectors(app, route_codes=["RCN"])
+        wait_live(pg_server, 1)
+        app.pay(1, 101, organisation_id=7, route_code="RCN")
+        assert [e.amount_cents for e in stream.wait_for(1)] == [101]
+        with pg_server.db.engine.connect() as conn:
+            killed = conn.exec_driver_sql(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND pid <> pg_backend_pid() AND (query LIKE %(probe)s OR query LIKE %(read)s)",
+                {"probe": f"EXECUTE {_PROBE.name}%", "read": f"EXECUTE {_READ_RANGE.name}%"}).scalar_one()
+        assert killed == 1  # the reader's connection, and only it
+        for amount in (102, 103):
+            app.pay(1, amount, organisation_id=7, route_code="RCN")
+        got = stream.wait_for(3)  # after the failed step, the next poll (within a second) opens a new one
+        assert [e.amount_cents for e in got] == [101, 102, 103]
+        time.sleep(0.3)
+        assert len(stream.events) == 3 and stream.error is None

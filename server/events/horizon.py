@@ -33,6 +33,7 @@ from sqlalchemy import Connection, text
 from server.events import store
 
 MAX_CANDIDATES = 64  # bounded even if a writer stays open a long time
+PROBE_SQL = "SELECT last_sequence, writers FROM outbox_writers_probe()"
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,12 @@ class PostgresHorizon:
 
     def advance(self, conn: Connection) -> int | None:
         """Probe once; return the (never decreasing) horizon, or None while there is none yet."""
-        last, writers = conn.execute(text("SELECT last_sequence, writers FROM outbox_writers_probe()")).one()
+        last, writers = conn.execute(text(PROBE_SQL)).one()
+        return self.resolve(last, writers)
+
+    def resolve(self, last: int, writers: list[str] | None) -> int | None:
+        """Take one probe's answer (PROBE_SQL: the last number drawn, then the writers in flight);
+        return the (never decreasing) horizon, or None while there is none yet."""
         in_flight = frozenset(writers or ())
         floor = self.horizon if self.horizon is not None else -1
         newest = self._candidates[-1].last_sequence if self._candidates else floor

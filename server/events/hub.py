@@ -5,6 +5,8 @@
 
 - The reader runs only while someone is subscribed. It wakes on a local commit (Database.run's
   after-commit hook), on a NOTIFY from another process, or every POLL_INTERVAL_S as a fallback.
+  On PostgreSQL it probes and reads on the event loop, on a connection of its own (LoopConnection):
+  no hand-off to a thread and back between a commit and its delivery.
 - It reads each event once, up to the safe horizon (server/events/horizon.py), and hands it to every
   live subscriber whose filter matches. It never waits for a subscriber: a subscriber whose queue is
   full is dropped from the fan-out and its stream ends with RESOURCE_EXHAUSTED, telling it where to
@@ -29,13 +31,17 @@ from sqlalchemy import Connection
 
 from server.domain.errors import DomainError, OutOfRange, Unavailable
 from server.events import store
-from server.events.horizon import PostgresHorizon, SqliteHorizon
+from server.events.horizon import PROBE_SQL, PostgresHorizon, SqliteHorizon
 from server.events.notifier import PgWakeups
 from server.events.store import EventFilter, StoredEvent
-from server.ledger.db import Database
+from server.ledger.db import Database, PreparedSql
+from server.ledger.loop_connection import LoopConnection
 
 T = TypeVar("T")
 log = structlog.get_logger("payments.events")
+
+_PROBE = PreparedSql(PROBE_SQL)
+_READ_RANGE = PreparedSql(store.READ_RANGE_SQL)
 
 
 class FellBehind(DomainError):
@@ -86,6 +92,7 @@ class EventHub:
         self.open_streams = 0
         self._jump = True  # no live subscriber: the next horizon may be taken without reading up to it
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="events-reader")
+        self._on_loop = None if db.is_sqlite else LoopConnection(db)  # the reader's probes and reads
         self._wakeups: PgWakeups | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake = asyncio.Event()  # bound to the running loop at first use
@@ -124,6 +131,8 @@ class EventHub:
         self._ready.set()  # streams still waiting for the first horizon end too
         if self._wakeups is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._wakeups.stop)
+        if self._on_loop is not None:
+            self._on_loop.close()
         self._reader.shutdown(wait=False, cancel_futures=True)
 
     # ---- wake-ups (called from database threads)
@@ -161,27 +170,56 @@ class EventHub:
             except Exception as exc:  # noqa: BLE001 - database trouble: try again at the next poll
                 log.warning("event reader step failed", error=type(exc).__name__, detail=str(exc)[:200])
 
+    @staticmethod
+    def _without_reading(horizon: int | None, after: int | None,
+                         jump: bool) -> tuple[int | None, list[StoredEvent], int | None] | None:
+        """A step's answer when, after the probe, no event is to be read; else None."""
+        if horizon is None:
+            return None, [], after
+        if jump or after is None:
+            return horizon, [], horizon
+        if horizon <= after:
+            return horizon, [], after
+        return None
+
+    def _through(self, horizon: int, events: list[StoredEvent]) -> int:
+        return horizon if len(events) < self.limits.read_batch else events[-1].sequence
+
     def _read_step(self, after: int | None, jump: bool) -> tuple[int | None, list[StoredEvent], int | None]:
+        """One step in a database thread (SQLite): (horizon, events read, published through)."""
         def step(conn: Connection) -> tuple[int | None, list[StoredEvent], int | None]:
             horizon = self._horizon.advance(conn)
             conn.commit()  # whatever the isolation level, the rows below are read in a snapshot after the probe
-            if horizon is None:
-                return None, [], after
-            if jump or after is None:
-                return horizon, [], horizon
-            if horizon <= after:
-                return horizon, [], after
+            answer = self._without_reading(horizon, after, jump)
+            if answer is not None:
+                return answer
             events = store.read_range(conn, after, horizon, limit=self.limits.read_batch)
-            through = horizon if len(events) < self.limits.read_batch else events[-1].sequence
-            return horizon, events, through
+            return horizon, events, self._through(horizon, events)
 
         return self.db.read(step)
+
+    async def _read_step_on_loop(self, connection: LoopConnection, after: int | None,
+                                 jump: bool) -> tuple[int | None, list[StoredEvent], int | None]:
+        """The same on the event loop (PostgreSQL): two statements in autocommit, so the events are
+        read in a snapshot taken after the probe."""
+        ((last, writers),) = await connection.fetch(_PROBE, {})
+        horizon = self._horizon.resolve(last, writers)
+        answer = self._without_reading(horizon, after, jump)
+        if answer is not None:
+            return answer
+        rows = await connection.fetch(_READ_RANGE, {"after": after, "through": horizon,
+                                                    "limit": self.limits.read_batch})
+        events = [store.event_from_row(row) for row in rows]
+        return horizon, events, self._through(horizon, events)  # type: ignore[arg-type]
 
     async def _step(self, loop: asyncio.AbstractEventLoop) -> bool:
         """Probe and publish once; True when there may be more to read soon."""
         after = self.published
         jump = self._jump and not self._live
-        horizon, events, through = await loop.run_in_executor(self._reader, self._read_step, after, jump)
+        if self._on_loop is not None:
+            horizon, events, through = await self._read_step_on_loop(self._on_loop, after, jump)
+        else:
+            horizon, events, through = await loop.run_in_executor(self._reader, self._read_step, after, jump)
         if horizon is None:
             return True
         if jump or after is None:

@@ -72,7 +72,12 @@ class EventFilter:
 MATCH_ALL = EventFilter()
 
 
-def _event(row) -> StoredEvent:  # noqa: ANN001
+# read_range without a filter, as driver SQL (%(name)s values) for a connection outside SQLAlchemy
+READ_RANGE_SQL = (f"SELECT {', '.join(c.name for c in _COLUMNS)} FROM {outbox_events.name} "
+                  "WHERE sequence > %(after)s AND sequence <= %(through)s ORDER BY sequence LIMIT %(limit)s")
+
+
+def event_from_row(row) -> StoredEvent:  # noqa: ANN001 - a row of _COLUMNS
     ev = StoredEvent(*row)
     ev.created_at = as_utc(ev.created_at)
     return ev
@@ -85,7 +90,7 @@ def read_range(conn: Connection, after: int, through: int, flt: EventFilter = MA
     where = flt.where()
     if where is not None:
         query = query.where(where)
-    return [_event(r) for r in conn.execute(query.order_by(outbox_events.c.sequence).limit(limit))]
+    return [event_from_row(r) for r in conn.execute(query.order_by(outbox_events.c.sequence).limit(limit))]
 
 
 def last_sequence(conn: Connection) -> int:
