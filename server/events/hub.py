@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -95,6 +96,7 @@ class EventHub:
         self._on_loop = None if db.is_sqlite else LoopConnection(db)  # the reader's probes and reads
         self._wakeups: PgWakeups | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
         self._wake = asyncio.Event()  # bound to the running loop at first use
         self._wake_pending = False
         self._ready = asyncio.Event()  # set once the reader has a horizon
@@ -109,6 +111,7 @@ class EventHub:
     # ---- lifecycle
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         self.db.after_events_committed.append(self._on_local_commit)
         if not self.db.is_sqlite:
             self._wakeups = PgWakeups(self.db.engine, self._wake_threadsafe)
@@ -145,6 +148,9 @@ class EventHub:
         if self._wake_pending or self.open_streams == 0 or self._loop is None:
             return
         self._wake_pending = True
+        if threading.get_ident() == self._loop_thread:  # a commit on the loop itself (the one-statement paths)
+            self._wake.set()
+            return
         try:
             self._loop.call_soon_threadsafe(self._wake.set)
         except RuntimeError:  # the loop is closed: shutting down
@@ -155,7 +161,8 @@ class EventHub:
         loop = asyncio.get_running_loop()
         while not self._stopping:
             try:
-                await asyncio.wait_for(self._wake.wait(), self.limits.poll_interval_s)
+                async with asyncio.timeout(self.limits.poll_interval_s):  # (no task of its own, as wait_for makes)
+                    await self._wake.wait()
             except TimeoutError:
                 pass
             self._wake_pending = False  # before clear(): a commit that saw True is seen by the step below
