@@ -62,6 +62,16 @@ def _pg_reachable() -> str | None:
         return f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
 
 
+def require_postgres() -> None:
+    """For a test that uses PostgreSQL without the `postgres_url` fixture: skip it where PostgreSQL
+    is unreachable, fail it under CI=true."""
+    problem = _pg_reachable()
+    if problem is not None:
+        if IN_CI:
+            pytest.fail(f"PostgreSQL unreachable: {problem}")
+        pytest.skip(f"PostgreSQL unreachable: {problem}")
+
+
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     """A fresh database for this test run, dropped at the end."""

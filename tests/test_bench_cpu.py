@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from bench import cpu
-from tests.conftest import IN_CI, PG_URL, _pg_reachable
+from tests.conftest import PG_URL, require_postgres
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads Linux's /proc")
 
@@ -63,11 +63,7 @@ def test_a_meter_without_servers_reports_none_for_them() -> None:
 
 @pytest.mark.postgres
 def test_postgresql_cpu_counts_a_backend_that_has_ended() -> None:
-    problem = _pg_reachable()
-    if problem is not None:
-        if IN_CI:
-            pytest.fail(f"PostgreSQL unreachable: {problem}")
-        pytest.skip(f"PostgreSQL unreachable: {problem}")
+    require_postgres()
     from bench.database import BenchDatabase
 
     if not BenchDatabase(PG_URL).is_local:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import IN_CI, PG_URL, _pg_reachable
+from tests.conftest import PG_URL, require_postgres
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -20,11 +20,7 @@ pytestmark = [pytest.mark.postgres, pytest.mark.e2e]
 
 
 def test_bench_quick_runs_and_the_invariants_hold() -> None:
-    problem = _pg_reachable()
-    if problem is not None:
-        if IN_CI:
-            pytest.fail(f"PostgreSQL unreachable: {problem}")
-        pytest.skip(f"PostgreSQL unreachable: {problem}")
+    require_postgres()
     stem = f"test-quick-{uuid.uuid4().hex[:8]}"
     env = dict(os.environ, PAYMENTS_BENCH_POSTGRES_URL=PG_URL)
     proc = subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--profile", "--out", stem], cwd=ROOT, env=env,
@@ -64,11 +60,7 @@ def test_bench_quick_runs_and_the_invariants_hold() -> None:
 
 
 def test_bench_invariant_check_fails_loudly_on_a_broken_ledger() -> None:
-    problem = _pg_reachable()
-    if problem is not None:
-        if IN_CI:
-            pytest.fail(f"PostgreSQL unreachable: {problem}")
-        pytest.skip(f"PostgreSQL unreachable: {problem}")
+    require_postgres()
     from bench.database import BenchDatabase, Seed
 
     db = BenchDatabase(PG_URL)
