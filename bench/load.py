@@ -48,9 +48,10 @@ class ServerProcess:
     """`payments-server` as its own process, so the load does not share its interpreter lock."""
 
     def __init__(self, database_url: str, *, env: dict[str, str] | None = None, name: str = "server",
-                 source_dir: str | None = None):
+                 source_dir: str | None = None, module: str = ""):
         self.database_url = database_url
         self.source_dir = source_dir  # run `python -m server` from this checkout instead (A/B of versions)
+        self.module = module  # run `python -m <module>` instead (bench.grpc_floor)
         self.extra_env = env or {}
         self.name = name
         self.port = 0
@@ -72,8 +73,12 @@ class ServerProcess:
         })
         log = open(self.log_path, "wb")  # noqa: SIM115
         # the per-call log lines go to stdout: discard them, keep errors for the report
-        command = [sys.executable, "-m", "server"] if self.source_dir else server_command()
-        self.proc = subprocess.Popen(command, env=env, cwd=self.source_dir, stdout=subprocess.DEVNULL, stderr=log)
+        if self.module:
+            command = [sys.executable, "-m", self.module]
+        else:
+            command = [sys.executable, "-m", "server"] if self.source_dir else server_command()
+        cwd = self.source_dir or (str(Path(__file__).resolve().parent.parent) if self.module else None)
+        self.proc = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=log)
         log.close()
         deadline = time.monotonic() + timeout_s
         with grpc.insecure_channel(self.target) as channel:

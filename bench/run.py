@@ -149,10 +149,6 @@ def run_scenarios(plan: Plan, db: BenchDatabase, results: dict, servers: list, n
             record(name, s, cpu_split=meter.stop(len(s.latencies_s)), note=f"bare psycopg2, {plan.floor_threads} threads, "
                                  f"{'one organisation' if len(payees) == 1 else f'{len(payees)} organisations'}")
 
-    for i in range(n_servers):
-        srv = load.ServerProcess(db.url, env=server_env, name=f"server{i}")
-        servers.append(srv)
-        srv.start()
     flight = plan.in_flight
     cpu_used: list[dict] = [{}]
 
@@ -175,6 +171,20 @@ def run_scenarios(plan: Plan, db: BenchDatabase, results: dict, servers: list, n
             profiles[profile_as] = spy.finish()
         return samples
 
+    if wanted("grpc_floor"):  # the gRPC floor: the server's stack answering Pay at once, no database
+        floor_server = load.ServerProcess(db.url, env=server_env, name="grpc-floor", module="bench.grpc_floor")
+        servers.append(floor_server)
+        floor_server.start()
+        s = closed(load.pay_call(members, orgs), plan.other_s, warmup_s=plan.warmup_s, on=[floor_server])
+        record("grpc_floor", s, throughput=False, cpu_split=cpu_used[0],
+               note=f"gRPC, {flight} in flight, Pay answered at once by the same server stack, no database")
+        floor_server.stop()
+        servers.remove(floor_server)
+
+    for i in range(n_servers):
+        srv = load.ServerProcess(db.url, env=server_env, name=f"server{i}")
+        servers.append(srv)
+        srv.start()
     # 2-3. Pay
     if wanted("pay_spread"):
         s = closed(load.pay_call(members, orgs), plan.pay_s, warmup_s=plan.warmup_s, profile_as="pay_spread")

@@ -71,6 +71,19 @@ def tune_garbage_collector() -> None:
     gc.freeze()
 
 
+def new_grpc_server() -> grpc.aio.Server:
+    return grpc.aio.server(
+        options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 * 1024 * 1024)],
+    )
+
+
+def register_payments(server: grpc.aio.Server, servicer: object, auth_tokens: str, accept_ahead: AcceptAhead) -> None:
+    """Every handler of the payments service registered wrapped by its guard (authentication, roles,
+    error mapping, the call's log line), with the server and with accept-ahead alike."""
+    payments_pb2_grpc.add_PaymentsServiceServicer_to_server(
+        servicer, GuardedRegistration(server, Authenticator(auth_tokens), also=(accept_ahead,)))
+
+
 class PaymentsServer:
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -84,13 +97,8 @@ class PaymentsServer:
 
     async def start(self) -> int:
         migrate.upgrade(self.db.engine)
-        server = grpc.aio.server(
-            options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 * 1024 * 1024)],
-        )
-        # every handler of the service is registered wrapped by its guard (authentication, roles,
-        # error mapping, the call's log line), with the server and with accept-ahead alike
-        payments_pb2_grpc.add_PaymentsServiceServicer_to_server(
-            self.servicer, GuardedRegistration(server, Authenticator(self.settings.auth_tokens), also=(self.accept_ahead,)))
+        server = new_grpc_server()
+        register_payments(server, self.servicer, self.settings.auth_tokens, self.accept_ahead)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         self.port = server.add_insecure_port(self.settings.grpc_addr)

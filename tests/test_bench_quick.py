@@ -32,7 +32,7 @@ def test_bench_quick_runs_and_the_invariants_hold() -> None:
         data = json.loads((results / f"{stem}.json").read_text())
         assert (results / f"{stem}.png").stat().st_size > 1000
         rows = data["scenarios"]
-        for name in ("floor_spread", "floor_hot", "pay_spread", "pay_hot", "transfer", "get_balance",
+        for name in ("floor_spread", "floor_hot", "grpc_floor", "pay_spread", "pay_hot", "transfer", "get_balance",
                      "statement_first_page", "statement_deep_page", "pay_spread_2proc", "pay_hot_2proc"):
             assert rows[name]["count"] > 0, name
             assert rows[name]["invariants"]["ok"] is True, name
@@ -43,6 +43,8 @@ def test_bench_quick_runs_and_the_invariants_hold() -> None:
             split = rows[name]["cpu"]
             assert split["server_ms_per_op"] > 0 and split["postgresql_ms_per_op"] > 0, (name, split)
             assert rows[name]["server_cpu_ms_per_op"] == split["server_ms_per_op"]
+        # the gRPC floor: the server's stack answering at once, no database: a server CPU figure, no ratio to the floor
+        assert rows["grpc_floor"]["cpu"]["server_ms_per_op"] > 0 and rows["grpc_floor"]["throughput"] is False
         floor_split = rows["floor_spread"]["cpu"]
         assert floor_split["server_ms_per_op"] is None and floor_split["postgresql_ms_per_op"] > 0
         assert "CPU per operation" in proc.stdout
