@@ -7,9 +7,11 @@ import uuid
 from dataclasses import dataclass
 
 import psycopg2
+import psycopg2.errors
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
+from bench.stats import percentile_ms
 from server.domain.types import SystemAccount, member_account, organisation_account, system_account
 from server.ledger import migrate
 
@@ -180,6 +182,55 @@ class BenchDatabase:
                 return cur.fetchone()
         finally:
             conn.close()
+
+    # ------------------------------------------------------------------ the disk under the commits
+    def checkpoint(self) -> bool:
+        """`CHECKPOINT`, so a scenario does not pay for writing out what the one before it (or the
+        seed) left dirty. False where this role may not (it needs superuser or `pg_checkpoint`)."""
+        conn = self.connect()
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute("CHECKPOINT")
+            return True
+        except psycopg2.errors.InsufficientPrivilege:
+            return False
+        finally:
+            conn.close()
+
+    def commit_probe(self, duration_s: float) -> dict:
+        """One connection committing a one-row update over and over for `duration_s`: what a commit
+        (its WAL flush) costs on this database's disk when nothing else runs, and how often one stalls.
+        With 64 requests in flight a stalled commit holds all of them, so the stalls show in p99."""
+        conn = self.connect()
+        latencies: list[float] = []
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute("CREATE TABLE IF NOT EXISTS bench_commit_probe (id int PRIMARY KEY, n bigint NOT NULL)")
+                cur.execute("INSERT INTO bench_commit_probe VALUES (1, 0) ON CONFLICT (id) DO NOTHING")
+                started = time.perf_counter()
+                stop_at = started + duration_s
+                now = started
+                while now < stop_at:
+                    cur.execute("UPDATE bench_commit_probe SET n = n + 1 WHERE id = 1")
+                    done = time.perf_counter()
+                    latencies.append(done - now)
+                    now = done
+                elapsed = now - started
+                cur.execute("DROP TABLE bench_commit_probe")
+        finally:
+            conn.close()
+        latencies.sort()
+        return {
+            "commits": len(latencies),
+            "duration_s": round(elapsed, 2),
+            "p50_ms": percentile_ms(latencies, 50),
+            "p99_ms": percentile_ms(latencies, 99),
+            "max_ms": round(latencies[-1] * 1000, 2),
+            "over_20ms": sum(1 for x in latencies if x > 0.020),
+            "over_50ms": sum(1 for x in latencies if x > 0.050),
+        }
 
     # ------------------------------------------------------------------ invariants
     def check_invariants(self, scenario: str, *, full: bool = False) -> dict:

@@ -95,6 +95,11 @@ def targets(rows: dict) -> list[dict]:
     return out
 
 
+def describe_probe(p: dict) -> str:
+    return (f"{p['commits']} commits of one row in {p['duration_s']} s, p50 {p['p50_ms']} ms, p99 {p['p99_ms']} ms, "
+            f"max {p['max_ms']} ms; {p['over_20ms']} took over 20 ms, {p['over_50ms']} over 50 ms")
+
+
 def write_json(results: dict, stem: str) -> Path:
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{stem}.json"

@@ -30,6 +30,7 @@ class Plan:
     floor_threads: int
     in_flight: int
     floor_s: float
+    probe_s: float
     pay_s: float
     other_s: float
     read_s: float
@@ -41,10 +42,10 @@ class Plan:
 
 
 FULL = Plan("full", Seed(members=10_000, organisations=100, statement_postings=1_000_000), floor_threads=16,
-            in_flight=64, floor_s=12, pay_s=15, other_s=10, read_s=6, warmup_s=2, deep_depth=500_000,
+            in_flight=64, floor_s=12, probe_s=5, pay_s=15, other_s=10, read_s=6, warmup_s=2, deep_depth=500_000,
             subscribers=100, delivery_rate_per_s=20, delivery_s=8)
 QUICK = Plan("quick", Seed(members=1_000, organisations=100, statement_postings=20_000), floor_threads=4,
-             in_flight=8, floor_s=1, pay_s=1.5, other_s=1, read_s=0.5, warmup_s=0.3, deep_depth=10_000,
+             in_flight=8, floor_s=1, probe_s=0.3, pay_s=1.5, other_s=1, read_s=0.5, warmup_s=0.3, deep_depth=10_000,
              subscribers=10, delivery_rate_per_s=10, delivery_s=1)
 
 
@@ -91,7 +92,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{plan.seed.statement_postings} statement postings ...", flush=True)
         results["seed_s"] = round(db.seed(plan.seed), 1)
         print(f"seeded in {results['seed_s']} s", flush=True)
+        results["checkpoint_before_each_scenario"] = db.checkpoint()
+        results["commit_probe"] = {"before": probe(db, plan, "before the scenarios")}
         run_scenarios(plan, db, results, servers, args.servers, server_env, only, stem if args.profile else "")
+        results["commit_probe"]["after"] = probe(db, plan, "after them")
         results["final_check"] = db.check_invariants("the whole run", full=True)
     finally:
         for s in servers:
@@ -106,9 +110,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {m['cpus']} cpus ({m['cpu_model']}), PostgreSQL {m['postgresql']}, Python {m['python']}; "
           f"{args.servers} server process(es); total {results['total_s']} s")
     print(report.table(results))
+    for when, p in results["commit_probe"].items():
+        print(f"commit probe {when} the scenarios: {report.describe_probe(p)}")
     print(f"\nwrote {json_path} and {png_path}")
     print("ledger invariants held after every scenario")
     return 0
+
+
+def probe(db: BenchDatabase, plan: Plan, when: str) -> dict:
+    """The disk under the commits, measured alone (`BenchDatabase.commit_probe`)."""
+    result = db.commit_probe(plan.probe_s)
+    print(f"  commit probe {when}: {report.describe_probe(result)}", flush=True)
+    return result
 
 
 def run_scenarios(plan: Plan, db: BenchDatabase, results: dict, servers: list, n_servers: int,
@@ -142,6 +155,7 @@ def run_scenarios(plan: Plan, db: BenchDatabase, results: dict, servers: list, n
     # 1. the floor
     for name, payees in (("floor_spread", orgs), ("floor_hot", orgs[:1])):
         if wanted(name):
+            db.checkpoint()
             meter = cpu.CpuMeter([], postgres_is_local=db.is_local)  # the floor's own threads are the load
             meter.start()
             s = floor.run_floor(db.connect, threads=plan.floor_threads, duration_s=plan.floor_s, members=members,
@@ -158,6 +172,7 @@ def run_scenarios(plan: Plan, db: BenchDatabase, results: dict, servers: list, n
         `profile_as` (and --profile), the first server is recorded with py-spy meanwhile."""
         procs = on or servers[:n_servers]
         where = [s.target for s in procs]
+        db.checkpoint()  # what earlier scenarios left dirty is written out now, not during this one
         if warmup_s:
             load.run(load.closed_loop(where, call, in_flight=in_flight, duration_s=warmup_s))
         spy = None

@@ -38,6 +38,13 @@ def test_bench_quick_runs_and_the_invariants_hold() -> None:
             assert rows[name]["invariants"]["ok"] is True, name
             assert rows[name]["p50_ms"] <= rows[name]["p99_ms"], name
         assert data["final_check"]["ok"] is True
+        # the disk under the commits, probed alone before and after the scenarios
+        for when in ("before", "after"):
+            probe = data["commit_probe"][when]
+            assert probe["commits"] > 0 and 0 < probe["p50_ms"] <= probe["max_ms"], (when, probe)
+            assert probe["over_50ms"] <= probe["over_20ms"] <= probe["commits"], (when, probe)
+        assert f"commit probe before the scenarios: {data['commit_probe']['before']['commits']} commits" in proc.stdout
+        assert data["checkpoint_before_each_scenario"] is True  # the test role is a superuser
         # where the CPU went (bench.cpu): the servers' and PostgreSQL's (local here) per operation
         for name in ("pay_spread", "transfer", "pay_spread_2proc"):
             split = rows[name]["cpu"]
