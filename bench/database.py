@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -199,38 +200,12 @@ class BenchDatabase:
             conn.close()
 
     def commit_probe(self, duration_s: float) -> dict:
-        """One connection committing a one-row update over and over for `duration_s`: what a commit
-        (its WAL flush) costs on this database's disk when nothing else runs, and how often one stalls.
-        With 64 requests in flight a stalled commit holds all of them, so the stalls show in p99."""
-        conn = self.connect()
-        latencies: list[float] = []
-        try:
-            conn.autocommit = True
-            with conn.cursor() as cur:
-                cur.execute("CREATE TABLE IF NOT EXISTS bench_commit_probe (id int PRIMARY KEY, n bigint NOT NULL)")
-                cur.execute("INSERT INTO bench_commit_probe VALUES (1, 0) ON CONFLICT (id) DO NOTHING")
-                started = time.perf_counter()
-                stop_at = started + duration_s
-                now = started
-                while now < stop_at:
-                    cur.execute("UPDATE bench_commit_probe SET n = n + 1 WHERE id = 1")
-                    done = time.perf_counter()
-                    latencies.append(done - now)
-                    now = done
-                elapsed = now - started
-                cur.execute("DROP TABLE bench_commit_probe")
-        finally:
-            conn.close()
-        latencies.sort()
-        return {
-            "commits": len(latencies),
-            "duration_s": round(elapsed, 2),
-            "p50_ms": percentile_ms(latencies, 50),
-            "p99_ms": percentile_ms(latencies, 99),
-            "max_ms": round(latencies[-1] * 1000, 2),
-            "over_20ms": sum(1 for x in latencies if x > 0.020),
-            "over_50ms": sum(1 for x in latencies if x > 0.050),
-        }
+        """Commits of one row, back to back, for `duration_s` with nothing else running: what a commit
+        (its WAL flush) costs on this database's disk, and how often one stalls."""
+        probe = CommitProbe(self, interval_s=0.0)
+        probe.start()
+        time.sleep(duration_s)
+        return probe.stop()
 
     # ------------------------------------------------------------------ invariants
     def check_invariants(self, scenario: str, *, full: bool = False) -> dict:
@@ -328,3 +303,62 @@ def _drop_secondary_indexes(cur, tables: tuple[str, ...]) -> list[str]:  # noqa:
 
 def organisation_accounts(n: int) -> list[int]:
     return [organisation_account(i) for i in range(1, n + 1)]
+
+
+class CommitProbe:
+    """A thread on its own connection committing a one-row update every `interval_s` (back to back
+    with 0) until stopped: the commit latency of this database's disk, alone or under a scenario's
+    load. With 64 requests in flight a commit that stalls holds all of them, so stalls show in p99."""
+
+    def __init__(self, db: BenchDatabase, interval_s: float):
+        self.db = db
+        self.interval_s = interval_s
+        self.latencies: list[float] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._elapsed = 0.0
+
+    def start(self) -> None:
+        conn = self.db.connect()
+        conn.autocommit = True
+        with conn.cursor() as cur:  # its own row: no lock is shared with the load
+            cur.execute("CREATE TABLE IF NOT EXISTS bench_commit_probe (id int PRIMARY KEY, n bigint NOT NULL)")
+            cur.execute("INSERT INTO bench_commit_probe VALUES (1, 0) ON CONFLICT (id) DO NOTHING")
+        self._thread = threading.Thread(target=self._run, args=(conn,), name="commit-probe", daemon=True)
+        self._thread.start()
+
+    def _run(self, conn) -> None:  # noqa: ANN001
+        started = time.perf_counter()
+        try:
+            with conn.cursor() as cur:
+                while not self._stop.is_set():
+                    t0 = time.perf_counter()
+                    cur.execute("UPDATE bench_commit_probe SET n = n + 1 WHERE id = 1")
+                    took = time.perf_counter() - t0
+                    self.latencies.append(took)
+                    if self.interval_s:
+                        self._stop.wait(max(0.0, self.interval_s - took))
+        except BaseException as exc:  # reported by stop()
+            self._error = exc
+        finally:
+            self._elapsed = time.perf_counter() - started
+            conn.close()
+
+    def stop(self) -> dict:
+        assert self._thread is not None, "not started"
+        self._stop.set()
+        self._thread.join(30)
+        if self._error is not None:
+            raise RuntimeError(f"commit probe failed: {self._error!r}")
+        values = sorted(self.latencies)
+        return {
+            "commits": len(values),
+            "duration_s": round(self._elapsed, 2),
+            "interval_ms": round(self.interval_s * 1000),
+            "p50_ms": percentile_ms(values, 50),
+            "p99_ms": percentile_ms(values, 99),
+            "max_ms": round(values[-1] * 1000, 2) if values else None,
+            "over_20ms": sum(1 for x in values if x > 0.020),
+            "over_50ms": sum(1 for x in values if x > 0.050),
+        }

@@ -23,6 +23,7 @@ def table(results: dict) -> str:
             f"{ratio:>8}  {row.get('note', '')}"
         )
     lines.extend(cpu_table(rows))
+    lines.extend(probe_table(rows))
     lines.append("")
     for check in results.get("targets", []):
         lines.append(f"[{'met' if check['met'] else 'MISSED'}] {check['target']}: {check['value']}")
@@ -43,6 +44,23 @@ def cpu_table(rows: dict) -> list[str]:
                      f"{_share(cpu.get('server_loop_waiting_for_cpu'), 18)} {_share(cpu.get('machine_idle'), 13)}")
     lines.append("(ms of CPU per operation; the shares are of the measured time, for the server loop thread the mean "
                  "over the server processes)")
+    return lines
+
+
+def probe_table(rows: dict) -> list[str]:
+    """The disk under each scenario's load (`bench.database.CommitProbe`): a blank line and a table, or nothing."""
+    probed = {name: row["commit_probe"] for name, row in rows.items() if row.get("commit_probe")}
+    if not probed:
+        return []
+    header = (f"{'commit probe under load':<26} {'commits':>8} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} "
+              f"{'over 20 ms':>11} {'over 50 ms':>11}")
+    lines = ["", header, "-" * len(header)]
+    for name, p in probed.items():
+        lines.append(f"{name:<26} {p['commits']:>8} {_ms(p['p50_ms'])} {_ms(p['p99_ms'])} {_ms(p['max_ms'])} "
+                     f"{p['over_20ms']:>11} {p['over_50ms']:>11}")
+    interval = next(iter(probed.values()))["interval_ms"]
+    lines.append(f"(one row committed every {interval} ms on a connection of its own while the scenario ran; a "
+                 "commit that stalls holds every request in flight with it)")
     return lines
 
 

@@ -16,10 +16,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from bench import cpu, floor, load, report
-from bench.database import BenchDatabase, Seed
+from bench.database import BenchDatabase, CommitProbe, Seed
 from server.domain.types import member_account
 from server.services.statements import _encode_token
 
+# the commit probe during a scenario: one commit of its own row every 100 ms, a small addition to the
+# load's own 100 or so commits a second, often enough to see a stall of the disk that holds the load
+PROBE_INTERVAL_S = 0.1
 DEFAULT_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 
 
@@ -128,6 +131,7 @@ def run_scenarios(plan: Plan, db: BenchDatabase, results: dict, servers: list, n
                   server_env: dict, only: list[str], profile_stem: str = "") -> None:
     rows = results["scenarios"]
     profiles: dict[str, str] = {}  # scenario -> its flame graph (or why there is none)
+    probed: list[dict] = [{}]  # the commit probe of the scenario just measured
     orgs = list(range(1, plan.seed.organisations + 1))
     members = plan.seed.members
 
@@ -137,6 +141,8 @@ def run_scenarios(plan: Plan, db: BenchDatabase, results: dict, servers: list, n
     def record(name: str, samples, *, throughput: bool = True, note: str = "",  # noqa: ANN001
                cpu_split: dict | None = None) -> None:
         row = samples.summary()
+        if probed[0]:
+            row["commit_probe"], probed[0] = probed[0], {}
         if cpu_split is not None:
             row["cpu"] = cpu_split
             if cpu_split["server_ms_per_op"] is not None:
@@ -149,6 +155,9 @@ def run_scenarios(plan: Plan, db: BenchDatabase, results: dict, servers: list, n
         rows[name] = row
         extra = f"; {cpu.describe(cpu_split)}" if cpu_split else ""
         extra += f"; profile {row['profile']}" if "profile" in row else ""
+        if "commit_probe" in row:
+            p = row["commit_probe"]
+            extra += f"; commit probe: {p['over_50ms']} of {p['commits']} over 50 ms, max {p['max_ms']} ms"
         print(f"  {name:<26} {row['per_s']:>8.0f}/s  p50 {row['p50_ms']} ms  p99 {row['p99_ms']} ms{extra}  "
               f"(invariants ok, {row['invariants']['check_s']} s)", flush=True)
 
@@ -157,9 +166,12 @@ def run_scenarios(plan: Plan, db: BenchDatabase, results: dict, servers: list, n
         if wanted(name):
             db.checkpoint()
             meter = cpu.CpuMeter([], postgres_is_local=db.is_local)  # the floor's own threads are the load
+            probe = CommitProbe(db, PROBE_INTERVAL_S)
+            probe.start()
             meter.start()
             s = floor.run_floor(db.connect, threads=plan.floor_threads, duration_s=plan.floor_s, members=members,
                                 organisations=payees)
+            probed[0] = probe.stop()
             record(name, s, cpu_split=meter.stop(len(s.latencies_s)), note=f"bare psycopg2, {plan.floor_threads} threads, "
                                  f"{'one organisation' if len(payees) == 1 else f'{len(payees)} organisations'}")
 
@@ -179,9 +191,12 @@ def run_scenarios(plan: Plan, db: BenchDatabase, results: dict, servers: list, n
         if profile_as and profile_stem:
             spy = load.Profiler(procs[0], report.RESULTS_DIR / f"{profile_stem}-{profile_as}.svg", duration_s)
         meter = cpu.CpuMeter([s.pid for s in procs], postgres_is_local=db.is_local)
+        probe = CommitProbe(db, PROBE_INTERVAL_S)
+        probe.start()
         meter.start()
         samples = load.run(load.closed_loop(where, call, in_flight=in_flight, duration_s=duration_s))
         cpu_used[0] = meter.stop(len(samples.latencies_s))
+        probed[0] = probe.stop()
         if spy is not None:
             profiles[profile_as] = spy.finish()
         return samples
