@@ -139,10 +139,10 @@ def run_scenarios(plan: Plan, db: BenchDatabase, results: dict, servers: list, n
         return not only or any(name.startswith(p) for p in only)
 
     def record(name: str, samples, *, throughput: bool = True, note: str = "",  # noqa: ANN001
-               cpu_split: dict | None = None) -> None:
+               cpu_split: dict | None = None, probe: dict | None = None) -> None:
         row = samples.summary()
-        if probed[0]:
-            row["commit_probe"], probed[0] = probed[0], {}
+        if probe or probed[0]:
+            row["commit_probe"], probed[0] = probe or probed[0], {}
         if cpu_split is not None:
             row["cpu"] = cpu_split
             if cpu_split["server_ms_per_op"] is not None:
@@ -276,13 +276,17 @@ def run_delivery(plan: Plan, db: BenchDatabase, results: dict, servers: list, se
         second.start()
     for name, sub_target in (("delivery_one_process", servers[0].target),
                              ("delivery_two_processes", servers[1].target)):
+        db.checkpoint()
+        probe = CommitProbe(db, PROBE_INTERVAL_S)
+        probe.start()
         s = load.run(load.delivery(servers[0].target, sub_target, subscribers=plan.subscribers,
                                       after_sequence=newest_sequence(db), members=plan.seed.members, organisations=orgs,
                                       rate_per_s=plan.delivery_rate_per_s, duration_s=plan.delivery_s,
                                       warmup_s=plan.warmup_s))
+        probe_result = probe.stop()
         if s.errors:
             raise AssertionError(f"{name}: {s.errors} events were not delivered to every subscriber")
-        record(name, s, throughput=False,
+        record(name, s, throughput=False, probe=probe_result,
                note=f"{plan.subscribers} subscribers, {plan.delivery_rate_per_s:.0f} Pay/s; per delivered event")
 
 

@@ -45,7 +45,8 @@ def test_bench_quick_runs_and_the_invariants_hold() -> None:
             assert probe["over_50ms"] <= probe["over_20ms"] <= probe["commits"], (when, probe)
         assert f"commit probe before the scenarios: {data['commit_probe']['before']['commits']} commits" in proc.stdout
         assert data["checkpoint_before_each_scenario"] is True  # the test role is a superuser
-        for name in ("floor_spread", "grpc_floor", "pay_spread", "statement_first_page", "pay_hot_2proc"):
+        for name in ("floor_spread", "grpc_floor", "pay_spread", "statement_first_page", "pay_hot_2proc",
+                     "delivery_one_process"):
             probe = rows[name]["commit_probe"]  # and under each scenario's load, one commit every 100 ms
             assert probe["interval_ms"] == 100 and probe["commits"] > 0 and probe["p50_ms"] > 0, (name, probe)
         assert "commit probe under load" in proc.stdout
