@@ -9,8 +9,9 @@ import asyncio
 import threading
 
 import pytest
+from structlog.testing import capture_logs
 
-from server.ledger import one_statement
+from server.ledger import loop_connection, one_statement
 from server.ledger.one_statement import MAX_BATCH, PaymentBatcher
 
 
@@ -18,7 +19,8 @@ class FakeStatements:
     """Stands in for book_member_payments: answers amount × 10 for each payment, takes a little
     time, and records the batches and how many ran at once."""
 
-    def __init__(self, fail_on: int | None = None):
+    def __init__(self, fail_on: int | None = None, takes_s: float = 0.002):
+        self.takes_s = takes_s
         self.batches: list[int] = []
         self.running = 0
         self.most_at_once = 0
@@ -31,7 +33,7 @@ class FakeStatements:
             self.most_at_once = max(self.most_at_once, self.running)
             self.batches.append(len(payments))
         try:
-            await asyncio.sleep(0.002)
+            await asyncio.sleep(self.takes_s)
             if self.fail_on is not None and any(p.amount_cents == self.fail_on for p in payments):
                 raise RuntimeError("the statement failed")
             return [p.amount_cents * 10 for p in payments]
@@ -117,5 +119,27 @@ def test_a_caller_that_went_away_does_not_stop_the_others(monkeypatch):  # noqa:
     try:
         assert asyncio.run(main()) == [10] + [n * 10 for n in range(3, 10)]
         assert sum(fake.batches) == 9, "the payment whose caller went away was still booked once (a retry replays it)"
+    finally:
+        batcher.close()
+
+
+def test_a_slow_statement_is_logged_with_its_size_and_duration(monkeypatch):  # noqa: ANN001
+    monkeypatch.setattr(loop_connection, "SLOW_STATEMENT_MS", 30.0)
+    batcher = PaymentBatcher(db=None, default_low_limit_cents=2_000)  # type: ignore[arg-type]
+    try:
+        monkeypatch.setattr(one_statement, "book_member_payments", FakeStatements(takes_s=0.001))
+        with capture_logs() as quick:
+            assert asyncio.run(batcher.book(_payment(3))) == 30
+        assert [e for e in quick if e["event"] == "slow statement"] == []
+
+        monkeypatch.setattr(one_statement, "book_member_payments", FakeStatements(takes_s=0.06))
+        with capture_logs() as slow:
+            answers, errors = _pay_concurrently(batcher, callers=4, each=1)
+        assert not errors and answers == {n: n * 10 for n in range(1, 5)}
+        warnings = [e for e in slow if e["event"] == "slow statement"]
+        assert warnings and all(e["log_level"] == "warning" for e in warnings)
+        assert {e["statement"] for e in warnings} == {"PaymentBatcher"}
+        assert sum(e["items"] for e in warnings) == 4, "every statement of the four payments was slow, and logged once"
+        assert all(e["duration_ms"] >= 60 for e in warnings)
     finally:
         batcher.close()

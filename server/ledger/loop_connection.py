@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import time
 from typing import Generic, TypeVar
 
 import psycopg2
 import psycopg2.extensions
+import structlog
 
 from server.ledger.db import Database, PreparedSql
 
@@ -17,6 +19,13 @@ from server.ledger.db import Database, PreparedSql
 # transaction) before it fails and its payments take the careful path. Every Pay of the process queues
 # behind the statement in flight, so one slow lock must not hold them all for longer than this.
 LOCK_TIMEOUT_MS = 250
+
+# A statement that takes longer than this, from send to answer, is logged as a warning: every request
+# of its kind in this process waits behind it. Under load a common Pay statement takes 5-25 ms; the
+# slow ones measured were behind a stalled WAL flush on the database's disk (README, Performance).
+SLOW_STATEMENT_MS = 100.0
+
+log = structlog.get_logger("payments.server")
 
 I = TypeVar("I")  # noqa: E741 - what a caller submits
 O = TypeVar("O")  # noqa: E741 - its answer
@@ -132,6 +141,7 @@ class StatementBatcher(abc.ABC, Generic[I, O]):
             while self._waiting:
                 n = self.max_batch
                 batch, self._waiting[:n] = self._waiting[:n], []
+                started = time.perf_counter()
                 try:
                     results = await self._run(connection, [item for item, _ in batch])
                 except BaseException as exc:  # every item of the statement is told
@@ -141,6 +151,10 @@ class StatementBatcher(abc.ABC, Generic[I, O]):
                     if isinstance(exc, asyncio.CancelledError):
                         raise
                     continue
+                took_ms = (time.perf_counter() - started) * 1000
+                if took_ms > SLOW_STATEMENT_MS:
+                    log.warning("slow statement", statement=type(self).__name__, items=len(batch),
+                                duration_ms=round(took_ms, 1))
                 for (_, answer), result in zip(batch, results, strict=True):
                     if not answer.done():  # a caller that went away is not answered (a retry asks again)
                         answer.set_result(result)
