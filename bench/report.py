@@ -32,35 +32,38 @@ def table(results: dict) -> str:
 
 def cpu_table(rows: dict) -> list[str]:
     """Where each server scenario's CPU went (`bench.cpu`): a blank line and a table, or nothing."""
-    measured = {name: row["cpu"] for name, row in rows.items() if row.get("cpu")}
-    if not measured:
-        return []
-    header = (f"{'CPU per operation':<26} {'server':>8} {'Postgres':>8} {'load gen':>8}   "
-              f"{'server loop thread: running':>28} {'waiting for a CPU':>18} {'machine idle':>13}")
-    lines = ["", header, "-" * len(header)]
-    for name, cpu in measured.items():
-        lines.append(f"{name:<26} {_num(cpu.get('server_ms_per_op'))} {_num(cpu.get('postgresql_ms_per_op'))} "
+    return _side_table(
+        rows, "cpu",
+        f"{'CPU per operation':<26} {'server':>8} {'Postgres':>8} {'load gen':>8}   "
+        f"{'server loop thread: running':>28} {'waiting for a CPU':>18} {'machine idle':>13}",
+        lambda cpu: (f"{_num(cpu.get('server_ms_per_op'))} {_num(cpu.get('postgresql_ms_per_op'))} "
                      f"{_num(cpu.get('load_generator_ms_per_op'))}   {_share(cpu.get('server_loop_running'), 28)} "
-                     f"{_share(cpu.get('server_loop_waiting_for_cpu'), 18)} {_share(cpu.get('machine_idle'), 13)}")
-    lines.append("(ms of CPU per operation; the shares are of the measured time, for the server loop thread the mean "
-                 "over the server processes)")
-    return lines
+                     f"{_share(cpu.get('server_loop_waiting_for_cpu'), 18)} {_share(cpu.get('machine_idle'), 13)}"),
+        lambda _: "(ms of CPU per operation; the shares are of the measured time, for the server loop thread the mean "
+                  "over the server processes)")
 
 
 def probe_table(rows: dict) -> list[str]:
     """The disk under each scenario's load (`bench.database.CommitProbe`): a blank line and a table, or nothing."""
-    probed = {name: row["commit_probe"] for name, row in rows.items() if row.get("commit_probe")}
-    if not probed:
+    return _side_table(
+        rows, "commit_probe",
+        f"{'commit probe under load':<26} {'commits':>8} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} "
+        f"{'over 20 ms':>11} {'over 50 ms':>11}",
+        lambda p: (f"{p['commits']:>8} {_ms(p['p50_ms'])} {_ms(p['p99_ms'])} {_ms(p['max_ms'])} "
+                   f"{p['over_20ms']:>11} {p['over_50ms']:>11}"),
+        lambda first: (f"(one row committed every {first['interval_ms']} ms on a connection of its own while the "
+                       "scenario ran; a commit that stalls holds every request in flight with it)"))
+
+
+def _side_table(rows: dict, key: str, header: str, cells, footnote) -> list[str]:  # noqa: ANN001
+    """A blank line and a table of the scenarios that have `key`, one line each (`cells` of the value),
+    and `footnote` (of the first value); nothing if none has it."""
+    found = {name: row[key] for name, row in rows.items() if row.get(key)}
+    if not found:
         return []
-    header = (f"{'commit probe under load':<26} {'commits':>8} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} "
-              f"{'over 20 ms':>11} {'over 50 ms':>11}")
     lines = ["", header, "-" * len(header)]
-    for name, p in probed.items():
-        lines.append(f"{name:<26} {p['commits']:>8} {_ms(p['p50_ms'])} {_ms(p['p99_ms'])} {_ms(p['max_ms'])} "
-                     f"{p['over_20ms']:>11} {p['over_50ms']:>11}")
-    interval = next(iter(probed.values()))["interval_ms"]
-    lines.append(f"(one row committed every {interval} ms on a connection of its own while the scenario ran; a "
-                 "commit that stalls holds every request in flight with it)")
+    lines.extend(f"{name:<26} {cells(value)}" for name, value in found.items())
+    lines.append(footnote(next(iter(found.values()))))
     return lines
 
 
