@@ -139,10 +139,10 @@ def run_scenarios(plan: Plan, db: BenchDatabase, results: dict, servers: list, n
         return not only or any(name.startswith(p) for p in only)
 
     def record(name: str, samples, *, throughput: bool = True, note: str = "",  # noqa: ANN001
-               cpu_split: dict | None = None, probe: dict | None = None) -> None:
+               cpu_split: dict | None = None) -> None:
         row = samples.summary()
-        if probe or probed[0]:
-            row["commit_probe"], probed[0] = probe or probed[0], {}
+        if probed[0]:
+            row["commit_probe"], probed[0] = probed[0], {}
         if cpu_split is not None:
             row["cpu"] = cpu_split
             if cpu_split["server_ms_per_op"] is not None:
@@ -252,7 +252,7 @@ def run_scenarios(plan: Plan, db: BenchDatabase, results: dict, servers: list, n
                    cpu_split=cpu_used[0])
     # 5. commit -> Subscribe delivery
     if wanted("delivery"):
-        run_delivery(plan, db, results, servers, server_env, record)
+        run_delivery(plan, db, results, servers, server_env, record, probed)
 
 
 def newest_sequence(db: BenchDatabase) -> int:
@@ -261,7 +261,8 @@ def newest_sequence(db: BenchDatabase) -> int:
         return cur.fetchone()[0]
 
 
-def run_delivery(plan: Plan, db: BenchDatabase, results: dict, servers: list, server_env: dict, record) -> None:  # noqa: ANN001
+def run_delivery(plan: Plan, db: BenchDatabase, results: dict, servers: list, server_env: dict, record,  # noqa: ANN001
+                 probed: list[dict]) -> None:
     rows = results["scenarios"]
     orgs = list(range(1, plan.seed.organisations + 1))
     ok, why = load.run(load.subscribe_available(servers[0].target, newest_sequence(db)))
@@ -283,10 +284,10 @@ def run_delivery(plan: Plan, db: BenchDatabase, results: dict, servers: list, se
                                       after_sequence=newest_sequence(db), members=plan.seed.members, organisations=orgs,
                                       rate_per_s=plan.delivery_rate_per_s, duration_s=plan.delivery_s,
                                       warmup_s=plan.warmup_s))
-        probe_result = probe.stop()
+        probed[0] = probe.stop()
         if s.errors:
             raise AssertionError(f"{name}: {s.errors} events were not delivered to every subscriber")
-        record(name, s, throughput=False, probe=probe_result,
+        record(name, s, throughput=False,
                note=f"{plan.subscribers} subscribers, {plan.delivery_rate_per_s:.0f} Pay/s; per delivered event")
 
 
