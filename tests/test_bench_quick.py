@@ -89,3 +89,29 @@ def test_bench_invariant_check_fails_loudly_on_a_broken_ledger() -> None:
             db.check_invariants("corrupted")
     finally:
         db.drop()
+
+
+def test_bench_checkpoint_reports_false_where_the_role_may_not() -> None:
+    require_postgres()
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    from bench.database import BenchDatabase
+
+    db = BenchDatabase(PG_URL)
+    db.create()
+    role = f"bench_plain_{uuid.uuid4().hex[:8]}"
+    superuser_url = db.url
+    try:
+        assert db.checkpoint() is True  # the test role is a superuser
+        with db.connect() as conn, conn.cursor() as cur:
+            cur.execute(f'CREATE ROLE "{role}" LOGIN')
+        db.url = make_url(superuser_url).set(username=role).render_as_string(hide_password=False)
+        assert db.checkpoint() is False, "a role without pg_checkpoint may not checkpoint: the run goes on without"
+    finally:
+        db.url = superuser_url
+        db.drop()
+        admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP ROLE IF EXISTS "{role}"'))
+        admin.dispose()
