@@ -152,12 +152,12 @@ class StatementBatcher(abc.ABC, Generic[I, O]):
                         raise
                     continue
                 took_ms = (time.perf_counter() - started) * 1000
-                if took_ms > SLOW_STATEMENT_MS:
-                    log.warning("slow statement", statement=type(self).__name__, items=len(batch),
-                                duration_ms=round(took_ms, 1))
                 for (_, answer), result in zip(batch, results, strict=True):
                     if not answer.done():  # a caller that went away is not answered (a retry asks again)
                         answer.set_result(result)
+                if took_ms > SLOW_STATEMENT_MS:  # after the answers: the log line does not delay them
+                    log.warning("slow statement", statement=type(self).__name__, items=len(batch),
+                                duration_ms=round(took_ms, 1))
         finally:
             self._connections.append(connection)
 
