@@ -87,7 +87,8 @@ def register_payments(server: grpc.aio.Server, servicer: object, auth_tokens: st
 class PaymentsServer:
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.db = Database.from_url(settings.database_url, pool_size=settings.db_pool_size)
+        self.db = Database.from_url(settings.database_url, pool_size=settings.db_pool_size,
+                                    lock_timeout_ms=settings.lock_timeout_ms)
         self.executor = ThreadPoolExecutor(max_workers=settings.db_threads, thread_name_prefix="db")
         self.servicer = PaymentsServicer(settings, self.db, self.executor)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
@@ -110,7 +111,7 @@ class PaymentsServer:
         self.server = server
         await self.servicer.on_server_start()
         tune_garbage_collector()
-        log.info("serving", addr=self.settings.grpc_addr, port=self.port, database=self.db.engine.dialect.name)
+        log.info("serving", addr=self.settings.grpc_addr, port=self.port)
         return self.port
 
     async def _set_health(self, status: int) -> None:
@@ -161,6 +162,9 @@ def new_event_loop(kind: str = "uvloop") -> asyncio.AbstractEventLoop:
 def main() -> None:
     configure_logging()
     settings = Settings.from_env()
+    if not settings.database_url:
+        raise SystemExit("PAYMENTS_DATABASE_URL is not set: point it at PostgreSQL (or use `make run`, which starts "
+                         "an embedded one)")
     try:
         Authenticator(settings.auth_tokens)
     except ValueError as exc:

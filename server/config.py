@@ -31,12 +31,9 @@ def _choice(name: str, allowed: tuple[str, ...]) -> str:
     return raw
 
 
-DEFAULT_SQLITE_URL = "sqlite:///./var/payments.db"
-
-
 @dataclass(frozen=True)
 class Settings:
-    database_url: str = DEFAULT_SQLITE_URL
+    database_url: str = ""  # PostgreSQL; `make run` starts an embedded one when unset
     grpc_addr: str = "127.0.0.1:50051"
     auth_tokens: str = ""
     currency: str = "aud"
@@ -49,6 +46,7 @@ class Settings:
     event_retention_days: int = 30
     event_poll_interval_ms: int = 1000  # the event stream's fallback poll when no wake-up comes
     shutdown_grace_s: int = 5
+    lock_timeout_ms: int = 2_000  # how long a statement waits for a row lock before the request fails
     event_loop: str = "uvloop"  # or "asyncio" (the standard library's loop)
     grpc_accept_ahead: int = 8  # requests for a method's next call kept open beyond grpc.aio's one (0: off)
     extra: dict = field(default_factory=dict)
@@ -57,7 +55,7 @@ class Settings:
     def from_env(cls) -> Settings:
         env = os.environ
         return cls(
-            database_url=env.get("PAYMENTS_DATABASE_URL") or DEFAULT_SQLITE_URL,
+            database_url=env.get("PAYMENTS_DATABASE_URL") or "",
             grpc_addr=env.get("PAYMENTS_GRPC_ADDR") or "127.0.0.1:50051",
             auth_tokens=env.get("PAYMENTS_AUTH_TOKENS", ""),
             currency=env.get("PAYMENTS_CURRENCY") or "aud",
@@ -70,6 +68,7 @@ class Settings:
             event_retention_days=_int("PAYMENTS_EVENT_RETENTION_DAYS", 30),
             event_poll_interval_ms=_int("PAYMENTS_EVENT_POLL_INTERVAL_MS", 1000),
             shutdown_grace_s=_int("PAYMENTS_SHUTDOWN_GRACE_S", 5),
+            lock_timeout_ms=_int_in("PAYMENTS_LOCK_TIMEOUT_MS", 2_000, 1, 600_000),
             event_loop=_choice("PAYMENTS_EVENT_LOOP", ("uvloop", "asyncio")),
             grpc_accept_ahead=_int_in("PAYMENTS_GRPC_ACCEPT_AHEAD", 8, 0, 64),
         )

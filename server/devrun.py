@@ -1,5 +1,5 @@
-"""`make run`: migrate the SQLite default, create dev tokens once, print how to call, serve the
-server and the webhook bridge."""
+"""`make run`: start the embedded PostgreSQL when no database is configured, create dev tokens once,
+print how to call, serve the server and the webhook bridge; stop the embedded PostgreSQL on exit."""
 
 from __future__ import annotations
 
@@ -28,10 +28,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="run Cobalt Payments locally")
     parser.add_argument("--local-stripe", action="store_true", help="also start localstripe and the webhook bridge")
     args = parser.parse_args()
+    embedded = None
+    if not os.environ.get("PAYMENTS_DATABASE_URL"):
+        from server import embedded_pg
+
+        embedded = embedded_pg.start(Path("var") / "postgres")
+        os.environ["PAYMENTS_DATABASE_URL"] = embedded.url
+        print(f"embedded PostgreSQL: data in var/postgres, {embedded.url}", flush=True)
+    try:
+        _serve(args)
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+def _serve(args: argparse.Namespace) -> None:
     if not os.environ.get("PAYMENTS_AUTH_TOKENS"):
         os.environ["PAYMENTS_AUTH_TOKENS"] = dev_tokens()
         addr = os.environ.get("PAYMENTS_GRPC_ADDR", "127.0.0.1:50051")
-        database = os.environ.get("PAYMENTS_DATABASE_URL", "sqlite:///./var/payments.db")
+        database = os.environ["PAYMENTS_DATABASE_URL"]
         print(f"""
 Cobalt Payments (development) on {addr}, database {database}
 Dev tokens (roles app, admin, stripe-bridge) are in {TOKENS_FILE} (git-ignored). Try, in another shell:

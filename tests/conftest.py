@@ -1,8 +1,8 @@
-"""Shared fixtures: a real gRPC server on a free port, on SQLite and on PostgreSQL.
+"""Shared fixtures: a real gRPC server on a free port, on PostgreSQL.
 
-PostgreSQL comes from PAYMENTS_TEST_POSTGRES_URL (default the local one). Each test run makes its
-own database and drops it afterwards. Where PostgreSQL is unreachable its tests are skipped, except
-under CI=true, where that fails the run, so a green CI always means the PostgreSQL tests ran.
+PostgreSQL comes from PAYMENTS_TEST_POSTGRES_URL (default the local one) where it answers, else an
+embedded one this run starts itself. Each test run makes its own database and drops it afterwards.
+No test is skipped for want of a database.
 """
 
 from __future__ import annotations
@@ -48,12 +48,12 @@ _ran_on: Counter[str] = Counter()
 # In-process servers log one line per call; in the test output only warnings and errors belong.
 # (What the server prints is checked against `payments-server` subprocesses, which configure their own.)
 structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30))
-_pg_skipped: list[str] = []  # why PostgreSQL tests did not run, for the summary line
+_pg_notes: list[str] = []  # where the tests' PostgreSQL came from, when not the configured one
 
 
-def _pg_reachable() -> str | None:
+def _pg_reachable(url: str) -> str | None:
     try:
-        engine = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+        engine = create_engine(url, isolation_level="AUTOCOMMIT")
         with engine.connect() as conn:
             conn.execute(text("select 1"))
         engine.dispose()
@@ -62,37 +62,70 @@ def _pg_reachable() -> str | None:
         return f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
 
 
-def require_postgres() -> None:
-    """For a test that uses PostgreSQL without the `postgres_url` fixture: skip it where PostgreSQL
-    is unreachable, fail it under CI=true."""
-    problem = _pg_reachable()
-    if problem is not None:
-        if IN_CI:
-            pytest.fail(f"PostgreSQL unreachable: {problem}")
-        pytest.skip(f"PostgreSQL unreachable: {problem}")
+_embedded: list = []  # the embedded PostgreSQL, when this run had to start one
+
+
+def admin_postgres_url() -> str:
+    """A PostgreSQL this run may create databases on: the configured one, else an embedded one."""
+    if _embedded:
+        return _embedded[0].admin_url()
+    problem = _pg_reachable(PG_URL)
+    if problem is None:
+        return PG_URL
+    import tempfile
+
+    from server import embedded_pg
+
+    _embedded.append(embedded_pg.start(tempfile.mkdtemp(prefix="payments-pg-")))
+    _pg_notes.append(f"PostgreSQL at {make_url(PG_URL).render_as_string(hide_password=True)} did not answer "
+                     f"({problem}): the tests ran on an embedded PostgreSQL")
+    return _embedded[0].admin_url()
+
+
+def new_database() -> tuple[str, Callable[[], None]]:
+    """A new, empty database for a test, and how to drop it."""
+    admin_url = admin_postgres_url()
+    name = f"payments_test_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+
+    def drop() -> None:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+    return make_url(admin_url).set(database=name).render_as_string(hide_password=False), drop
 
 
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     """A fresh database for this test run, dropped at the end."""
-    problem = _pg_reachable()
-    if problem is not None:
-        message = f"PostgreSQL unreachable at {make_url(PG_URL).render_as_string(hide_password=True)}: {problem}"
-        _pg_skipped.append(message)
-        if IN_CI:
-            pytest.fail(message + " (CI=true: the PostgreSQL tests must run)")
-        pytest.skip(message)
-    name = f"payments_test_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
+    url, drop = new_database()
     try:
         yield url
     finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+        drop()
+
+
+_drops: list[Callable[[], None]] = []
+
+
+def scratch_database() -> str:
+    """A new, empty database for a test's own server, dropped when the run ends."""
+    url, drop = new_database()
+    _drops.append(drop)
+    return url
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:  # noqa: ANN001
+    for drop in _drops:
+        try:
+            drop()
+        except Exception:  # noqa: BLE001 - a server a test left running may still hold it
+            pass
+    for embedded in _embedded:
+        embedded.stop()
 
 
 @dataclass
@@ -161,21 +194,11 @@ def _truncate_all(db: Database) -> None:
     """Empty every table but the system accounts, keeping the schema (fast per-test isolation)."""
     from server.ledger.schema import accounts, metadata
 
+    others = ", ".join(table.name for table in metadata.sorted_tables if table is not accounts)
     with db.engine.begin() as conn:
-        for table in reversed(metadata.sorted_tables):
-            if table is accounts:
-                conn.execute(table.delete().where(table.c.kind != 3))
-                conn.execute(table.update().values(balance_cents=0, last_movement_at=None))
-            else:
-                conn.execute(table.delete())
-
-
-@pytest.fixture(scope="session")
-def sqlite_server(tmp_path_factory) -> Iterator[RunningServer]:  # noqa: ANN001
-    path = tmp_path_factory.mktemp("db") / "payments.db"
-    srv = start_server(f"sqlite:///{path}", "sqlite")
-    yield srv
-    srv.stop()
+        conn.execute(text(f"TRUNCATE {others}"))
+        conn.execute(accounts.delete().where(accounts.c.kind != 3))
+        conn.execute(accounts.update().values(balance_cents=0, last_movement_at=None))
 
 
 @pytest.fixture(scope="session")
@@ -185,13 +208,12 @@ def postgresql_server(postgres_url) -> Iterator[RunningServer]:  # noqa: ANN001
     srv.stop()
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def server(request) -> Iterator[RunningServer]:  # noqa: ANN001
-    """A running server on each database, with empty tables for this test."""
-    srv: RunningServer = request.getfixturevalue(f"{request.param}_server")
-    _truncate_all(srv.db)
-    yield srv
-    _ran_on[request.param] += 1
+@pytest.fixture
+def server(postgresql_server: RunningServer) -> Iterator[RunningServer]:
+    """The running server, with empty tables for this test."""
+    _truncate_all(postgresql_server.db)
+    yield postgresql_server
+    _ran_on["postgresql"] += 1
 
 
 def record_answers(monkeypatch, module, name: str) -> list:  # noqa: ANN001
@@ -210,11 +232,9 @@ def record_answers(monkeypatch, module, name: str) -> list:  # noqa: ANN001
 
 
 @pytest.fixture
-def pg_server(postgresql_server: RunningServer) -> RunningServer:
-    """The PostgreSQL server alone, with empty tables: a test file of PostgreSQL-only paths overrides
-    `server` with it (`app` and `admin` then talk to it)."""
-    _truncate_all(postgresql_server.db)
-    return postgresql_server
+def pg_server(server: RunningServer) -> RunningServer:
+    """The same as `server` (every test runs on PostgreSQL); kept for the files that name it."""
+    return server
 
 
 @pytest.fixture
@@ -230,12 +250,10 @@ def admin(server: RunningServer) -> Iterator[PaymentsClient]:
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # noqa: ANN001
-    if _ran_on or _pg_skipped:
-        backends = ["sqlite", "postgresql", *sorted(set(_ran_on) - {"sqlite", "postgresql"})]
-        parts = ", ".join(f"{_ran_on[db]} on {db}" for db in backends)
-        if _pg_skipped:
-            parts += " (PostgreSQL tests not run: unreachable)"
-        terminalreporter.write_line(f"database-backed tests: {parts}")
+    if _ran_on:
+        terminalreporter.write_line("database-backed tests: " + ", ".join(f"{n} on {db}" for db, n in _ran_on.items()))
+    for note in _pg_notes:
+        terminalreporter.write_line(note)
 
 
 def record_backend(backend: str) -> None:

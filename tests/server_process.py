@@ -20,10 +20,9 @@ SERVER_SCRIPT = Path(sys.executable).parent / "payments-server"
 class ServerProcess:
     """`payments-server` on a port the OS picks; stdout is collected line by line."""
 
-    def __init__(self, db: Path | str, auth_tokens: str, **env: str):
-        """`db` is a SQLite file or a database URL."""
-        url = db if isinstance(db, str) else f"sqlite:///{db}"
-        self.env = {**os.environ, "PAYMENTS_DATABASE_URL": url, "PAYMENTS_GRPC_ADDR": "127.0.0.1:0",
+    def __init__(self, db: str, auth_tokens: str, **env: str):
+        """`db` is a database URL."""
+        self.env = {**os.environ, "PAYMENTS_DATABASE_URL": db, "PAYMENTS_GRPC_ADDR": "127.0.0.1:0",
                     "PAYMENTS_AUTH_TOKENS": auth_tokens, **env}
         self.proc: subprocess.Popen | None = None
         self.lines: list[str] = []

@@ -10,7 +10,7 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
-from conftest import RunningServer, record_backend, start_server
+from conftest import RunningServer, record_backend, scratch_database, start_server
 
 from clients.payments_client import new_idempotency_key
 from cobalt.payments.v1 import payments_pb2 as pb
@@ -82,8 +82,8 @@ def test_calls_taken_ahead_are_authenticated_like_any_other(server) -> None:  # 
 
 
 def _own_server(tmp_path, **overrides) -> RunningServer:  # noqa: ANN001, ANN003
-    srv = start_server(f"sqlite:///{tmp_path / 'payments.db'}", "sqlite", **overrides)
-    record_backend("sqlite")
+    srv = start_server(scratch_database(), "postgresql", **overrides)
+    record_backend("postgresql")
     return srv
 
 
@@ -115,7 +115,7 @@ def test_stop_leaves_no_request_open_and_a_restart_accepts_again(tmp_path) -> No
     first = srv.server.accept_ahead
     srv.stop()
     assert first.open_requests == 0 and not first._acceptors and not first._calls
-    again = start_server(srv.database_url, "sqlite", addr=addr)
+    again = start_server(srv.database_url, "postgresql", addr=addr)
     try:
         assert again.server.accept_ahead.open_requests == Settings().grpc_accept_ahead * PAYMENT_METHODS
         answers = _pay_concurrently(again, 4)

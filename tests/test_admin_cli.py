@@ -19,9 +19,6 @@ from conftest import TOKENS
 from clients.admin_cli import format_cents, parse_dollars
 from server.domain.types import SystemAccount
 
-# the command line is the same whatever the database: these run against the SQLite server
-# (they start processes: `make test-fast` leaves them out)
-sqlite_only = pytest.mark.parametrize("server", ["sqlite"], indirect=True)
 e2e = pytest.mark.e2e
 
 _SCRIPT = Path(sys.executable).with_name("payments-admin")
@@ -89,7 +86,6 @@ def test_money_formats():
 
 
 @e2e
-@sqlite_only
 def test_settle_with_yes_writes_the_bank_file(server, app, admin, cli, tmp_path):
     admin.upsert_organisation(10, "North Shore BC", bsb="062-000", account_number="12345678")
     admin.upsert_organisation(11, "Harbour BC", bsb="123-456", account_number="87654321",
@@ -115,7 +111,6 @@ def test_settle_with_yes_writes_the_bank_file(server, app, admin, cli, tmp_path)
 
 
 @e2e
-@sqlite_only
 def test_settle_asks_first(server, app, admin, cli):
     admin.upsert_organisation(10, "North Shore BC", bsb="062-000", account_number="12345678")
     fund(admin, app, 10, 5_000, member_id=1)
@@ -133,7 +128,6 @@ def test_settle_asks_first(server, app, admin, cli):
 
 
 @e2e
-@sqlite_only
 def test_statement_csv_parses_back_to_the_ledger(server, app, admin, cli, tmp_path):
     admin.upsert_organisation(7, "Club, with a comma", bsb="062-000", account_number="12345678")
     admin.upsert_member(1, "Ann O'Neil")
@@ -166,7 +160,6 @@ def test_statement_csv_parses_back_to_the_ledger(server, app, admin, cli, tmp_pa
 
 
 @e2e
-@sqlite_only
 def test_bad_token_and_missing_token(server, cli, tmp_path):
     bad = cli("summary", token="not-the-token")
     assert bad.returncode == 3
@@ -187,7 +180,6 @@ def test_bad_token_and_missing_token(server, cli, tmp_path):
 
 
 @e2e
-@sqlite_only
 def test_unknown_organisation_unreachable_and_usage(server, admin, cli, cli_here):
     for args in (["balance", "--org", "99"], ["settle", "99", "--yes"]):
         res = cli(*args)
@@ -211,7 +203,6 @@ def test_unknown_organisation_unreachable_and_usage(server, admin, cli, cli_here
     assert list(admin.list_organisations().organisations) == []
 
 
-@sqlite_only
 def test_json_and_other_commands(server, app, admin, cli_here):
     admin.upsert_organisation(7, "Club", bsb="062-000", account_number="12345678")
     fund(admin, app, 7, 2_500, member_id=1)
@@ -247,7 +238,6 @@ def test_json_and_other_commands(server, app, admin, cli_here):
 
 
 @e2e
-@sqlite_only
 def test_events_tail_shows_settlements(server, app, admin, cli):
     admin.upsert_organisation(7, "Club", bsb="062-000", account_number="12345678")
     fund(admin, app, 7, 1_000, member_id=1)
@@ -269,7 +259,6 @@ BUF = Path(__file__).resolve().parent.parent / "node_modules" / ".bin" / "buf"
 
 
 @e2e
-@sqlite_only
 def test_readme_buf_curl_settlement(server, app, admin):
     """The README's `buf curl` settlement: a dry run, then the real run with its balances."""
     if not BUF.exists():

@@ -9,7 +9,7 @@ import uuid
 
 import grpc
 import pytest
-from conftest import record_backend
+from conftest import record_backend, scratch_database
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from server_process import ServerProcess
@@ -30,16 +30,16 @@ SPEC = (f"{APP_TOKEN}=shop:app,{ADMIN_TOKEN}=ops:admin,{BRIDGE_TOKEN}=bridge:str
 
 
 @pytest.fixture(autouse=True)
-def _count_on_sqlite(request):  # noqa: ANN001, ANN202
-    """Tests that call the SQLite-backed server process count in the per-database summary."""
+def _count_on_postgresql(request):  # noqa: ANN001, ANN202
+    """Tests that call the server process count in the per-database summary."""
     yield
     if "proc" in request.fixturenames:
-        record_backend("sqlite")
+        record_backend("postgresql")
 
 
 @pytest.fixture(scope="module")
 def proc(tmp_path_factory):  # noqa: ANN001, ANN201
-    srv = ServerProcess(tmp_path_factory.mktemp("logdb") / "payments.db", SPEC).start()
+    srv = ServerProcess(scratch_database(), SPEC).start()
     yield srv
     srv.stop()
 
@@ -167,7 +167,7 @@ def test_bad_token_configuration_is_refused(spec):
 
 
 def test_bad_token_configuration_stops_the_server(tmp_path):
-    srv = ServerProcess(tmp_path / "p.db", "tok=alice:root")
+    srv = ServerProcess(scratch_database(), "tok=alice:root")
     with pytest.raises(RuntimeError, match="unknown role"):
         srv.start(timeout_s=20)
     assert srv.proc is not None and srv.proc.wait(10) != 0

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import PG_URL, require_postgres
+from tests.conftest import admin_postgres_url
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -20,9 +20,9 @@ pytestmark = [pytest.mark.postgres, pytest.mark.e2e]
 
 
 def test_bench_quick_runs_and_the_invariants_hold() -> None:
-    require_postgres()
+    pg_url = admin_postgres_url()
     stem = f"test-quick-{uuid.uuid4().hex[:8]}"
-    env = dict(os.environ, PAYMENTS_BENCH_POSTGRES_URL=PG_URL)
+    env = dict(os.environ, PAYMENTS_BENCH_POSTGRES_URL=pg_url)
     proc = subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--profile", "--out", stem], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=240)
     results = ROOT / "bench" / "results"
@@ -74,10 +74,10 @@ def test_bench_quick_runs_and_the_invariants_hold() -> None:
 
 
 def test_bench_invariant_check_fails_loudly_on_a_broken_ledger() -> None:
-    require_postgres()
+    pg_url = admin_postgres_url()
     from bench.database import BenchDatabase, Seed
 
-    db = BenchDatabase(PG_URL)
+    db = BenchDatabase(pg_url)
     db.create()
     try:
         db.seed(Seed(members=20, organisations=2, statement_postings=100))
@@ -92,13 +92,13 @@ def test_bench_invariant_check_fails_loudly_on_a_broken_ledger() -> None:
 
 
 def test_bench_checkpoint_reports_false_where_the_role_may_not() -> None:
-    require_postgres()
+    pg_url = admin_postgres_url()
     from sqlalchemy import create_engine, text
     from sqlalchemy.engine import make_url
 
     from bench.database import BenchDatabase
 
-    db = BenchDatabase(PG_URL)
+    db = BenchDatabase(pg_url)
     db.create()
     role = f"bench_plain_{uuid.uuid4().hex[:8]}"
     superuser_url = db.url
@@ -111,7 +111,7 @@ def test_bench_checkpoint_reports_false_where_the_role_may_not() -> None:
     finally:
         db.url = superuser_url
         db.drop()
-        admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+        admin = create_engine(pg_url, isolation_level="AUTOCOMMIT")
         with admin.connect() as conn:
             conn.execute(text(f'DROP ROLE IF EXISTS "{role}"'))
         admin.dispose()

@@ -10,6 +10,7 @@ import time
 import urllib.request
 
 import pytest
+from conftest import scratch_database
 from stripe_support import (
     CardStack,
     event_body,
@@ -143,7 +144,7 @@ def test_other_events_are_acknowledged(cards: CardStack) -> None:
 
 def test_server_down_gives_5xx_and_a_redelivery_applies_once(cards: CardStack, tmp_path) -> None:  # noqa: ANN001
     addr = f"127.0.0.1:{free_port()}"
-    database_url = f"sqlite:///{tmp_path / 'down.db'}"
+    database_url = scratch_database()
     server = start_server_at(database_url, addr, **stripe_settings(cards.localstripe))
     bridge = start_bridge(addr)
     try:

@@ -9,7 +9,6 @@ import io
 import json
 import os
 import re
-import sqlite3
 import subprocess
 import threading
 import time
@@ -20,12 +19,14 @@ from zoneinfo import ZoneInfo
 
 import grpc
 import pytest
-from conftest import record_backend
+from conftest import record_backend, scratch_database
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from server_process import ServerProcess
+from sqlalchemy import create_engine, text
 
 from cobalt.payments.v1 import payments_pb2 as pb
 from cobalt.payments.v1 import payments_pb2_grpc as pb_grpc
+from server.domain.types import organisation_account
 
 pytestmark = pytest.mark.e2e
 
@@ -47,17 +48,17 @@ def buf() -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _count_on_sqlite(request):  # noqa: ANN001, ANN202
-    """Tests that call the SQLite-backed server process count in the per-database summary."""
+def _count_on_postgresql(request):  # noqa: ANN001, ANN202
+    """Tests that call the server process count in the per-database summary."""
     yield
     if "proc" in request.fixturenames:
-        record_backend("sqlite")
+        record_backend("postgresql")
 
 
 @pytest.fixture(scope="module")
 def proc(tmp_path_factory):  # noqa: ANN001, ANN201
     # a zone without summer time, far from Sydney's offset: the CSV must follow the setting
-    srv = ServerProcess(tmp_path_factory.mktemp("e2e") / "payments.db", SPEC, PAYMENTS_TIMEZONE="Asia/Kolkata").start()
+    srv = ServerProcess(scratch_database(), SPEC, PAYMENTS_TIMEZONE="Asia/Kolkata").start()
     yield srv
     assert srv.stop() == 0
 
@@ -141,8 +142,8 @@ def test_errors_give_a_non_zero_exit_code(buf, proc, method, body, token, code):
 
 def test_sigterm_lets_an_in_flight_call_finish_then_exits_zero(tmp_path):
     """A Pay waiting on the database when SIGTERM arrives still completes; then the process exits 0."""
-    db_path = tmp_path / "payments.db"
-    srv = ServerProcess(db_path, SPEC, PAYMENTS_SHUTDOWN_GRACE_S="10").start()
+    db_url = scratch_database()
+    srv = ServerProcess(db_url, SPEC, PAYMENTS_SHUTDOWN_GRACE_S="10", PAYMENTS_LOCK_TIMEOUT_MS="20000").start()
     try:
         with grpc.insecure_channel(srv.target) as channel:
             stub = pb_grpc.PaymentsServiceStub(channel)
@@ -151,8 +152,9 @@ def test_sigterm_lets_an_in_flight_call_finish_then_exits_zero(tmp_path):
                                     metadata=admin_md, timeout=10)
             stub.Adjust(pb.AdjustRequest(idempotency_key="a", account=pb.AccountRef(member_id=1), amount_cents=900,
                                          description="opening"), metadata=admin_md, timeout=10)
-            blocker = sqlite3.connect(db_path, isolation_level=None)
-            blocker.execute("BEGIN IMMEDIATE")  # holds the write lock: the next Pay waits for it
+            blocker = create_engine(db_url).connect()
+            # holds the club's account row: the next Pay waits for it
+            blocker.execute(text("SELECT 1 FROM accounts WHERE id = :id FOR UPDATE"), {"id": organisation_account(7)})
             outcome: dict = {}
 
             def pay() -> None:
@@ -185,7 +187,7 @@ def test_sigterm_lets_an_in_flight_call_finish_then_exits_zero(tmp_path):
             assert srv.proc.poll() is None, "the server waits for the in-flight call"
             assert health_seen[:1] == [health_pb2.HealthCheckResponse.SERVING]
             assert health_pb2.HealthCheckResponse.NOT_SERVING in health_seen, "health says NOT_SERVING first"
-            blocker.execute("ROLLBACK")
+            blocker.rollback()
             blocker.close()
             caller.join(20)
             watch.cancel()
@@ -201,7 +203,7 @@ def test_sigterm_lets_an_in_flight_call_finish_then_exits_zero(tmp_path):
         grpc_note = re.compile(r'Traceback \(most recent call last\):\n  File "[^"]*aio/server\.pyx\.pxi", line \d+, '
                                r"in grpc\._cython\.cygrpc\._schedule_rpc_coro\nasyncio\.exceptions\.CancelledError\n")
         assert "Traceback" not in grpc_note.sub("", srv.stderr)
-        record_backend("sqlite")
+        record_backend("postgresql")
     finally:
         if srv.proc is not None and srv.proc.poll() is None:
             srv.stop()

@@ -25,6 +25,7 @@ from clients.payments_client import PaymentsClient
 from cobalt.payments.v1 import payments_pb2 as pb
 from server.domain.types import EventKind
 from server.events.outbox import NewEvent, emit
+from server.ledger.db import Database, run_before_commit
 from server.ledger.schema import outbox_events
 
 pytestmark = pytest.mark.postgres
@@ -142,11 +143,16 @@ def pay_many(server: ServerProcess, count: int, seed: int, payment_ids: list[str
 
 def slow_writers(engine, stop: threading.Event, held: list[int]) -> None:  # noqa: ANN001
     """Transactions that draw a sequence number, then wait while others commit higher ones."""
+    db = Database(engine)
+
+    def draw_then_wait(conn) -> None:  # noqa: ANN001
+        emit(conn, NewEvent(EventKind.ADJUSTED, member_id=999, amount_cents=1, reason="slow writer"))
+        run_before_commit(conn)  # the event row is written (its number drawn) now, not at the commit
+        held.append(conn.execute(select(func.max(outbox_events.c.sequence))).scalar_one())
+        time.sleep(0.15)
+
     while not stop.is_set():
-        with engine.begin() as conn:
-            emit(conn, NewEvent(EventKind.ADJUSTED, member_id=999, amount_cents=1, reason="slow writer"))
-            held.append(conn.execute(select(func.max(outbox_events.c.sequence))).scalar_one())
-            time.sleep(0.15)
+        db.run(draw_then_wait)
 
 
 def assert_no_gap(received: list[int], expected: list[int]) -> None:

@@ -10,7 +10,7 @@ from datetime import timedelta
 
 import grpc
 import pytest
-from conftest import record_backend, start_server
+from conftest import record_backend, scratch_database, start_server
 from sqlalchemy import func, select, update
 
 from clients.events import tail
@@ -281,10 +281,9 @@ def test_expired_cursor_is_out_of_range(server, app, admin, collectors):
     assert [e.sequence for e in collectors(app).wait_for(2)] == seqs[3:]  # 0: from the oldest kept
 
 
-@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def test_a_slow_subscriber_is_cut_off_and_resumes(backend, tmp_path, request):  # noqa: ANN001
-    url = f"sqlite:///{tmp_path / 'slow.db'}" if backend == "sqlite" else request.getfixturevalue("postgres_url")
-    srv = start_server(url, backend, extra={"event_queue_events": 5})
+def test_a_slow_subscriber_is_cut_off_and_resumes(tmp_path, request):  # noqa: ANN001
+    backend = "postgresql"
+    srv = start_server(scratch_database(), backend, extra={"event_queue_events": 5})
     try:
         with srv.client("app") as app, srv.client("admin") as admin:
             start = newest(srv)
@@ -386,7 +385,7 @@ def stored_events(server, after: int):  # noqa: ANN001, ANN201
 
 
 def test_streams_end_with_unavailable_when_the_server_stops(tmp_path):
-    srv = start_server(f"sqlite:///{tmp_path / 'stop.db'}", "sqlite")
+    srv = start_server(scratch_database(), "postgresql")
     stopped = False
     try:
         with srv.client("app") as app, srv.client("admin") as admin:
@@ -404,14 +403,13 @@ def test_streams_end_with_unavailable_when_the_server_stops(tmp_path):
     finally:
         if not stopped:
             srv.stop()
-        record_backend("sqlite")
+        record_backend("postgresql")
 
 
-@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def test_paging_and_a_small_ring_keep_order_and_filters(backend, tmp_path, request):  # noqa: ANN001
+def test_paging_and_a_small_ring_keep_order_and_filters(tmp_path, request):  # noqa: ANN001
     """Tiny pages, reader batches and ring: catching up crosses pages, the ring and the live hand-off."""
-    url = f"sqlite:///{tmp_path / 'pages.db'}" if backend == "sqlite" else request.getfixturevalue("postgres_url")
-    srv = start_server(url, backend, extra={"event_replay_page": 3, "event_read_batch": 4, "event_ring_events": 5})
+    backend = "postgresql"
+    srv = start_server(scratch_database(), backend, extra={"event_replay_page": 3, "event_read_batch": 4, "event_ring_events": 5})
     try:
         with srv.client("app") as app:
             base = newest(srv)

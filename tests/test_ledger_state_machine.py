@@ -10,7 +10,7 @@ import uuid
 
 import grpc
 import pytest
-from conftest import _truncate_all, record_backend, start_server
+from conftest import _truncate_all, record_backend
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
@@ -208,18 +208,12 @@ class LedgerMachine(RuleBasedStateMachine):
         assert sum(v for a, v in self.model.items() if a > 0) + self.bal(-1) == 0
 
 
-@pytest.fixture(scope="module")
-def machine_server(tmp_path_factory):  # noqa: ANN001, ANN201
-    srv = start_server(f"sqlite:///{tmp_path_factory.mktemp('machine') / 'payments.db'}", "sqlite")
-    yield srv
-    srv.stop()
-
-
-def test_ledger_state_machine(machine_server):
-    LedgerMachine.server = machine_server
+def test_ledger_state_machine(postgresql_server):
+    """On PostgreSQL, through the one write path (Pays and Transfers by group commit)."""
+    LedgerMachine.server = postgresql_server
     run_state_machine_as_test(
         LedgerMachine,
         settings=settings(max_examples=40, stateful_step_count=30, deadline=None, database=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]),
     )
-    record_backend("sqlite")
+    record_backend("postgresql")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from conftest import record_backend, start_server
+from conftest import record_backend, scratch_database, start_server
 from stripe_support import CardStack, start_localstripe, stripe_settings
 
 from clients.payments_client import new_idempotency_key
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.stripe
 
 def test_stripe_down_answers_unavailable_and_books_nothing(tmp_path) -> None:  # noqa: ANN001
     ls = start_localstripe()
-    server = start_server(f"sqlite:///{tmp_path / 'unreachable.db'}", "sqlite", **stripe_settings(ls))
+    server = start_server(scratch_database(), "postgresql", **stripe_settings(ls))
     try:
         with server.client("app") as app, server.client("admin") as admin:
             stack = CardStack(server, None, ls, app, admin, ls.client())  # type: ignore[arg-type]
@@ -50,4 +50,4 @@ def test_stripe_down_answers_unavailable_and_books_nothing(tmp_path) -> None:  #
     finally:
         server.stop()
         ls.stop()
-        record_backend("sqlite")
+        record_backend("postgresql")

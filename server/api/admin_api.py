@@ -70,8 +70,7 @@ class AdminApi(ApiBase):
             if request.idempotency_key:
                 idempotency.check_key(request.idempotency_key)
             return _settle_response(await self.read(lambda conn: settle.settle(conn, cmd)))
-        return await self.mutate(context, "Settle", request, pb.SettleResponse,
-                                 lambda conn: _settle_response(settle.settle(conn, cmd)))
+        return await self.mutate(context, "Settle", request, lambda conn: settle.settle(conn, cmd), _settle_response)
 
     async def SetFeeSettings(self, request: pb.SetFeeSettingsRequest, context) -> pb.FeeSettings:  # noqa: ANN001, N802
         changes = {name: getattr(request, name) for name in _FEE_FIELDS if request.HasField(name)}
@@ -80,9 +79,9 @@ class AdminApi(ApiBase):
 
         def work(conn):  # noqa: ANN001, ANN202
             new = dataclasses.replace(fees.current_fee_settings(conn), **changes)
-            return _fee_settings_pb(fees.set_fee_settings(conn, new, self.principal().name))
+            return fees.set_fee_settings(conn, new, self.principal().name)
 
-        return await self.mutate(context, "SetFeeSettings", request, pb.FeeSettings, work)
+        return await self.mutate(context, "SetFeeSettings", request, work, _fee_settings_pb)
 
     async def GetFeeSettings(self, request: pb.GetFeeSettingsRequest, context) -> pb.GetFeeSettingsResponse:  # noqa: ANN001, N802
         def work(conn):  # noqa: ANN001, ANN202

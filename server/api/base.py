@@ -4,9 +4,10 @@ idempotent runner of SPEC §3."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import contextvars
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from google.protobuf.message import Message
 from sqlalchemy import Connection
@@ -15,11 +16,13 @@ from sqlalchemy.exc import IntegrityError
 from server.api.auth import Principal
 from server.api.interceptors import current_principal
 from server.config import Settings
-from server.domain.errors import DomainError
 from server.ledger import idempotency
 from server.ledger.db import Database
+from server.services.cards import Once
+from server.stripe_gateway import StripeGateway
 
 T = TypeVar("T")
+R = TypeVar("R")
 M = TypeVar("M", bound=Message)
 
 
@@ -28,6 +31,15 @@ class ApiBase:
         self.settings = settings
         self.db = db
         self.executor = executor
+
+    _gateway: StripeGateway | None = None
+
+    @property
+    def gateway(self) -> StripeGateway:
+        if self._gateway is None:
+            self._gateway = StripeGateway(self.settings.stripe_secret_key, self.settings.stripe_api_base,
+                                          self.settings.currency)
+        return self._gateway
 
     async def on_server_start(self) -> None:
         """Start background work. Mixins that override it call `await super().on_server_start()`."""
@@ -53,63 +65,71 @@ class ApiBase:
     async def write(self, fn: Callable[[Connection], T]) -> T:
         return await self.in_thread(lambda: self.db.run(fn))
 
-    async def mutate(self, context, method: str, request: Message, response_type: type[M],  # noqa: ANN001
-                     work: Callable[[Connection], M]) -> M:
-        """Run `work` once per idempotency key: in one transaction with the stored response.
-        A retry of the same request returns the stored response with `idempotent-replay: true`."""
-        response, _ = await self.mutate_once(context, method, request, response_type, work)
-        return response
-
-    async def mutate_once(self, context, method: str, request: Message, response_type: type[M],  # noqa: ANN001
-                          work: Callable[[Connection], M], *, optimistic: bool = False,
-                          first_try: Callable[[idempotency.Pending], Awaitable[M | None]] | None = None,
-                          ) -> tuple[M, bool]:
-        """`mutate`, answering (response, replayed). With `optimistic` (for work that only touches
-        the database), where the record is written with the COMMIT the stored response is not looked
-        up first: a repeated key fails the commit on the record's unique key, the attempt rolls back
-        whole, and the request runs again the careful way (as does any refusal, which may be a
-        repeat of a request that succeeded): one round trip less for every first request.
-        `first_try` (PostgreSQL) does the whole request and its record in one statement, or answers
-        None having changed nothing; the ways above follow only then, in a database thread."""
+    def pending(self, method: str, request: Message) -> idempotency.Pending:
+        """The idempotency record this request will leave (the key checked first)."""
         key = request.idempotency_key  # type: ignore[attr-defined]
         idempotency.check_key(key)
+        return idempotency.Pending(self.principal().name, key, method,
+                                   idempotency.request_hash(method, request.SerializeToString(deterministic=True)))
+
+    @staticmethod
+    def replayed(context) -> None:  # noqa: ANN001
+        context.set_trailing_metadata((("idempotent-replay", "true"),))
+
+    async def mutate(self, context, method: str, request: Message, work: Callable[[Connection], R],  # noqa: ANN001
+                     to_pb: Callable[[R], M]) -> M:
+        """Run `work` once per idempotency key, in one unit of work with its stored result. A retry of
+        the same request is answered from the stored result with `idempotent-replay: true`."""
+        pending = self.pending(method, request)
         principal = self.principal()
-        req_hash = idempotency.request_hash(method, request.SerializeToString(deterministic=True))
-        replayed = False
-        if first_try is not None and self.db.records_with_commit:
-            response = await first_try(idempotency.Pending(principal.name, key, method, req_hash))
-            if response is not None:
-                return response, False
 
-        def work_then_record(conn: Connection) -> M:
-            response = work(conn)
-            idempotency.record(conn, principal.name, key, method, req_hash, response.SerializeToString(deterministic=True))
-            return response
+        def unit(conn: Connection) -> tuple[R, bool]:
+            stored = idempotency.lookup(conn, pending)
+            if stored is not None:
+                return stored.result, True
+            result = work(conn)
+            pending.record(conn, result)
+            return result, False
 
-        def lookup_then_work(conn: Connection) -> M:
-            nonlocal replayed
-            stored = idempotency.lookup(conn, principal.name, key, method, req_hash)
-            replayed = stored is not None
-            return response_type.FromString(stored.response) if stored is not None else work_then_record(conn)
-
-        def run() -> M:
+        def run() -> tuple[R, bool]:
             token = current_principal.set(principal)
             try:
-                if optimistic and self.db.records_with_commit:
-                    try:
-                        return self.db.run(work_then_record)
-                    except (IntegrityError, DomainError):
-                        pass  # the key is taken, or a refusal that may be a repeat: look first
                 try:
-                    return self.db.run(lookup_then_work)
+                    return self.db.run(unit)
                 except IntegrityError:
-                    # a concurrent request with the same key committed first: this attempt
-                    # rolled back whole; the rerun finds its stored response.
-                    return self.db.run(lookup_then_work)
+                    # a concurrent request with the same key committed first: this attempt rolled
+                    # back whole, and the rerun finds its stored result
+                    return self.db.run(unit)
             finally:
                 current_principal.reset(token)
 
-        result = await self.in_thread(run)
+        result, replayed = await self.in_thread(run)
         if replayed:
-            context.set_trailing_metadata((("idempotent-replay", "true"),))
-        return result, replayed
+            self.replayed(context)
+        return to_pb(result)
+
+    # ---------------------------------------------------------------- flows that call Stripe
+    async def in_context(self, fn: Callable[[], T]) -> T:
+        """Run a blocking flow (database and Stripe) in the pool, with the caller's principal.
+        A flow whose final write lost a race with a concurrent retry of the same request (same
+        idempotency key, or the same pending card payment) runs once more: it then finds the
+        stored result, and Stripe's idempotency key makes its Stripe calls the same ones."""
+        ctx = contextvars.copy_context()
+
+        def run() -> T:
+            try:
+                return ctx.run(fn)
+            except IntegrityError:
+                return ctx.run(fn)
+
+        return await self.in_thread(run)
+
+    def once(self, method: str, request: Message) -> Once:
+        pending = self.pending(method, request)
+        return Once(pending.principal, pending.key, pending.method, pending.request_hash)
+
+    def answer(self, context, result: Any, to_pb: Callable[[Any], M]) -> M:  # noqa: ANN001
+        if isinstance(result, idempotency.Replayed):
+            self.replayed(context)
+            return to_pb(result.result)
+        return to_pb(result)

@@ -3,32 +3,35 @@ registration. Each translates proto → command → service → proto; no busine
 
 from __future__ import annotations
 
+import logging
+import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import psycopg2
-from sqlalchemy import Connection
 
 from cobalt.payments.v1 import payments_pb2 as pb
-from server.api import convert
+from server.api import convert, responses
 from server.api.base import ApiBase, M
-from server.domain.errors import InsufficientFunds
+from server.domain.errors import DomainError, InsufficientFunds
 from server.ledger import idempotency
 from server.ledger.balance_reads import BalanceReader
-from server.services import accounts, adjust, pay, statements, transfer
+from server.services import accounts, adjust, auto_top_up, card_pay, pay, statements, transfer
+from server.services.group_commit import GroupCommit
+from server.stripe_gateway import stripe_key
+
+log = logging.getLogger("payments.ledger")
 
 
 class LedgerApi(ApiBase):
     def __init__(self, settings, db, executor):  # noqa: ANN001
         super().__init__(settings, db, executor)
-        self.pay_batcher = pay.new_batcher(db)
+        self.pay_group = GroupCommit(db, self.in_thread, "Pay")
+        self.transfer_group = GroupCommit(db, self.in_thread, "Transfer")
         self.balance_reader = BalanceReader(db)
-        self.transfer_batcher = transfer.new_batcher(db)
 
     def close(self) -> None:
-        self.pay_batcher.close()
         self.balance_reader.close()
-        self.transfer_batcher.close()
         super().close()
 
     # ---------------------------------------------------------------- Pay
@@ -49,61 +52,52 @@ class LedgerApi(ApiBase):
             ensure_funds_only=request.ensure_funds_only,
         ).validated()
 
-    @staticmethod
-    def pay_response(result: pay.PayResult) -> pb.PayResponse:
-        return pb.PayResponse(
-            status=pb.SUCCEEDED,
-            payment_id=result.payment_id,
-            balance_cents=result.balance_cents,
-            topped_up_cents=result.topped_up_cents,
-            reference=result.reference,
-        )
-
     async def Pay(self, request: pb.PayRequest, context) -> pb.PayResponse:  # noqa: ANN001, N802
         cmd = self.pay_command(request)
+        outcome = await self.pay_group.submit(pay.PayRequest(cmd, self.pending("Pay", request)))
+        return await self.answer_booking(context, outcome, responses.pay_pb, cmd.member_id,
+                                         lambda short: self.pay_when_short(context, request, cmd, short))
 
-        async def in_one_statement(record: idempotency.Pending) -> pb.PayResponse | None:
-            payment = pay.member_payment(cmd, record, self.pay_response)
-            result = pay.paid_in_one_statement(payment, await self.pay_batcher.book(payment))
-            return None if result is None else self.pay_response(result)
-
-        return await self.book_from_balance(
-            context, "Pay", request, pb.PayResponse, lambda conn: pay.pay_from_balance(conn, cmd),
-            self.pay_response, cmd.member_id, lambda short: self.pay_when_short(context, request, cmd, short),
-            first_try=in_one_statement if pay.in_one_statement(cmd) else None)
-
-    async def book_from_balance(self, context, method: str, request, response_type: type[M],  # noqa: ANN001
-                                book: Callable[[Connection], Any], to_pb: Callable[[Any], M], payer_member_id: int | None,
-                                when_short: Callable[[InsufficientFunds], Awaitable[M]],
-                                first_try: Callable[[idempotency.Pending], Awaitable[M | None]] | None = None) -> M:
-        """Pay and Transfer: book from the balance once per idempotency key; when the balance is
-        short hand over to `when_short`; after a booking that left the payer below the low limit
-        with auto top-up ON, top up (after the commit: Stripe is never called inside a transaction)."""
-        booked: list[Any] = []
-
-        def work(conn: Connection) -> M:
-            result = book(conn)
-            booked.append(result)
-            return to_pb(result)
-
-        try:
-            response, replayed = await self.mutate_once(context, method, request, response_type, work, optimistic=True,
-                                                        first_try=first_try)
-        except InsufficientFunds as short:
-            return await when_short(short)
-        # the last booking is the committed one, unless the answer is a replay (then none was)
-        if not replayed and booked and booked[-1].needs_auto_top_up and payer_member_id:
+    async def answer_booking(self, context, outcome: Any, to_pb: Callable[[Any], M],  # noqa: ANN001
+                             payer_member_id: int | None,
+                             when_short: Callable[[InsufficientFunds], Awaitable[M]]) -> M:
+        """Pay and Transfer: answer a group-commit outcome. When the balance is short hand over to
+        `when_short`; after a booking that left the payer below the low limit with auto top-up ON,
+        top up (after the commit: Stripe is never called inside a transaction)."""
+        if isinstance(outcome, InsufficientFunds):
+            return await when_short(outcome)
+        if isinstance(outcome, DomainError):
+            raise outcome
+        if isinstance(outcome, idempotency.Replayed):
+            self.replayed(context)
+            return to_pb(outcome.result)
+        if outcome.needs_auto_top_up and payer_member_id:
             await self.after_payment_top_up(payer_member_id)
-        return response
+        return to_pb(outcome)
 
     async def pay_when_short(self, context, request: pb.PayRequest, cmd: pay.PayCommand,  # noqa: ANN001
                              short: InsufficientFunds) -> pb.PayResponse:
-        """The balance does not cover the payment. The card paths (auto top-up, or a card
-        payment for the shortfall) take over here when Stripe is configured."""
-        raise short
+        """The balance does not cover the payment: auto top-up, or a card payment for the shortfall,
+        when Stripe is configured (services.card_pay)."""
+        if not self.gateway.configured:
+            raise short
+        once = self.once("Pay", request)
+        result = await self.in_context(lambda: card_pay.pay_when_short(self.db, self.gateway, once, cmd, short))
+        if isinstance(result, card_pay.PayOutcome) and result.needs_auto_top_up:
+            await self.after_payment_top_up(cmd.member_id)
+        return self.answer(context, result, responses.pay_pb)
 
     async def after_payment_top_up(self, member_id: int) -> None:
-        """A payment left a member with auto top-up ON below the low limit (card paths)."""
+        """A payment left a member with auto top-up ON below the low limit. The payment is booked and
+        answered; a failed top-up here must not fail it."""
+        if not self.gateway.configured:
+            return
+        principal = self.principal().name
+        ref = stripe_key("low-balance", member_id, secrets.token_hex(10))  # a fresh top-up each time
+        try:
+            await self.in_context(lambda: auto_top_up.top_up_if_low(self.db, self.gateway, member_id, principal, ref))
+        except DomainError as exc:
+            log.warning("auto top-up after a payment of member %s did not happen: %s", member_id, exc.message)
 
     # ---------------------------------------------------------------- balances and statements
     async def GetBalance(self, request: pb.GetBalanceRequest, context) -> pb.GetBalanceResponse:  # noqa: ANN001, N802
@@ -119,13 +113,12 @@ class LedgerApi(ApiBase):
         )
 
     async def balance_of(self, acct: int) -> accounts.Balance:
-        """On PostgreSQL read with the other balances asked for meanwhile, on the event loop; in a
-        database thread on SQLite, or when that read fails (its connection broke, say)."""
-        if self.db.records_with_commit:
-            try:
-                return await self.balance_reader.balance(acct)
-            except psycopg2.Error:
-                pass
+        """Read with the other balances asked for meanwhile, on the event loop; in a database thread
+        when that read fails (its connection broke, say)."""
+        try:
+            return await self.balance_reader.balance(acct)
+        except psycopg2.Error:
+            pass
         return await self.read(lambda conn: accounts.get_balance(conn, acct))
 
     async def GetStatement(self, request: pb.GetStatementRequest, context) -> pb.GetStatementResponse:  # noqa: ANN001, N802
@@ -188,33 +181,19 @@ class LedgerApi(ApiBase):
             from_organisation_id=ref.organisation_id if which == "organisation_id" else None,
         ).validated()
 
-    @staticmethod
-    def transfer_response(result: transfer.TransferResult) -> pb.TransferResponse:
-        return pb.TransferResponse(
-            transfer_id=result.transfer_id,
-            from_balance_cents=result.from_balance_cents,
-            to_balance_cents=result.to_balance_cents,
-            topped_up_cents=result.topped_up_cents,
-            reference=result.reference,
-        )
-
     async def Transfer(self, request: pb.TransferRequest, context) -> pb.TransferResponse:  # noqa: ANN001, N802
         cmd = self.transfer_command(request)
-
-        async def in_one_statement(record: idempotency.Pending) -> pb.TransferResponse | None:
-            t = transfer.member_transfer(cmd, record, self.transfer_response)
-            result = transfer.transferred_in_one_statement(t, await self.transfer_batcher.book(t))
-            return None if result is None else self.transfer_response(result)
-
-        return await self.book_from_balance(
-            context, "Transfer", request, pb.TransferResponse, lambda conn: transfer.transfer(conn, cmd),
-            self.transfer_response, cmd.from_member_id,
-            lambda short: self.transfer_when_short(context, request, cmd, short),
-            first_try=in_one_statement if transfer.in_one_statement(cmd) else None)
+        outcome = await self.transfer_group.submit(transfer.TransferRequest(cmd, self.pending("Transfer", request)))
+        return await self.answer_booking(context, outcome, responses.transfer_pb, cmd.from_member_id,
+                                         lambda short: self.transfer_when_short(context, request, cmd, short))
 
     async def transfer_when_short(self, context, request: pb.TransferRequest,  # noqa: ANN001
                                   cmd: transfer.TransferCommand, short: InsufficientFunds) -> pb.TransferResponse:
-        raise short
+        if not self.gateway.configured:
+            raise short
+        once = self.once("Transfer", request)
+        result = await self.in_context(lambda: card_pay.transfer_when_short(self.db, self.gateway, once, cmd, short))
+        return self.answer(context, result, responses.transfer_pb)
 
     async def Adjust(self, request: pb.AdjustRequest, context) -> pb.AdjustResponse:  # noqa: ANN001, N802
         cmd = adjust.AdjustCommand(
@@ -224,33 +203,24 @@ class LedgerApi(ApiBase):
             description=request.description,
         ).validated()
 
-        def work(conn):  # noqa: ANN001, ANN202
-            result = adjust.adjust(conn, cmd)
-            return pb.AdjustResponse(
-                adjustment_id=result.adjustment_id,
-                balance_cents=result.balance_cents,
-                balance_negative=result.balance_negative,
-                reference=result.reference,
-            )
-
-        return await self.mutate(context, "Adjust", request, pb.AdjustResponse, work)
+        return await self.mutate(context, "Adjust", request, lambda conn: adjust.adjust(conn, cmd),
+                                 lambda result: pb.AdjustResponse(
+                                     adjustment_id=result.adjustment_id,
+                                     balance_cents=result.balance_cents,
+                                     balance_negative=result.balance_negative,
+                                     reference=result.reference,
+                                 ))
 
     # ---------------------------------------------------------------- registration
     async def UpsertMember(self, request: pb.UpsertMemberRequest, context) -> pb.Member:  # noqa: ANN001, N802
-        def work(conn):  # noqa: ANN001, ANN202
-            member_id, name, balance = accounts.upsert_member(conn, request.member_id, request.name)
-            return pb.Member(member_id=member_id, name=name, balance_cents=balance)
-
-        return await self.mutate(context, "UpsertMember", request, pb.Member, work)
+        return await self.mutate(context, "UpsertMember", request,
+                                 lambda conn: accounts.upsert_member(conn, request.member_id, request.name),
+                                 lambda m: pb.Member(member_id=m.member_id, name=m.name, balance_cents=m.balance_cents))
 
     async def UpsertOrganisation(self, request: pb.UpsertOrganisationRequest, context) -> pb.Organisation:  # noqa: ANN001, N802
         fee_bp = request.settlement_fee_bp if request.HasField("settlement_fee_bp") else None
-
-        def work(conn):  # noqa: ANN001, ANN202
-            org = accounts.upsert_organisation(conn, request.organisation_id, request.name, request.bsb,
-                                               request.account_number, request.minimum_balance_cents, fee_bp)
-            return convert.organisation_pb(org)
-
-        return await self.mutate(context, "UpsertOrganisation", request, pb.Organisation, work)
-
-
+        return await self.mutate(context, "UpsertOrganisation", request,
+                                 lambda conn: accounts.upsert_organisation(
+                                     conn, request.organisation_id, request.name, request.bsb,
+                                     request.account_number, request.minimum_balance_cents, fee_bp),
+                                 convert.organisation_pb)

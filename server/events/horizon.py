@@ -30,8 +30,6 @@ from dataclasses import dataclass
 
 from sqlalchemy import Connection, text
 
-from server.events import store
-
 MAX_CANDIDATES = 64  # bounded even if a writer stays open a long time
 PROBE_SQL = "SELECT last_sequence, writers FROM outbox_writers_probe()"
 
@@ -73,15 +71,4 @@ class PostgresHorizon:
                 self.horizon = max(candidate.last_sequence, floor)
                 del self._candidates[: i + 1]
                 break
-        return self.horizon
-
-
-class SqliteHorizon:
-    def __init__(self) -> None:
-        self.horizon: int | None = None
-        self.pending = False
-
-    def advance(self, conn: Connection) -> int | None:
-        last = store.last_sequence(conn)
-        self.horizon = last if self.horizon is None else max(self.horizon, last)
         return self.horizon

@@ -32,7 +32,7 @@ from sqlalchemy import Connection
 
 from server.domain.errors import DomainError, OutOfRange, Unavailable
 from server.events import store
-from server.events.horizon import PROBE_SQL, PostgresHorizon, SqliteHorizon
+from server.events.horizon import PROBE_SQL, PostgresHorizon
 from server.events.notifier import PgWakeups
 from server.events.store import EventFilter, StoredEvent
 from server.ledger.db import Database, PreparedSql
@@ -85,7 +85,7 @@ class EventHub:
         self._read = read
         self.retention_days = retention_days
         self.limits = limits or HubLimits()
-        self._horizon = SqliteHorizon() if db.is_sqlite else PostgresHorizon()
+        self._horizon = PostgresHorizon()
         self.published: int | None = None  # every event ≤ published has been handed to the live subscribers
         self._ring: collections.deque[StoredEvent] = collections.deque()
         self._ring_floor = 0  # the ring holds every event in (ring_floor, published]
@@ -93,7 +93,7 @@ class EventHub:
         self.open_streams = 0
         self._jump = True  # no live subscriber: the next horizon may be taken without reading up to it
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="events-reader")
-        self._on_loop = None if db.is_sqlite else LoopConnection(db)  # the reader's probes and reads
+        self._on_loop = LoopConnection(db)  # the reader's probes and reads
         self._wakeups: PgWakeups | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
@@ -113,9 +113,8 @@ class EventHub:
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         self.db.after_events_committed.append(self._on_local_commit)
-        if not self.db.is_sqlite:
-            self._wakeups = PgWakeups(self.db.engine, self._wake_threadsafe)
-            self._wakeups.start()
+        self._wakeups = PgWakeups(self.db.engine, self._wake_threadsafe)
+        self._wakeups.start()
         self._tasks = [asyncio.create_task(self._run(), name="events-reader"),
                        asyncio.create_task(self._prune_forever(), name="events-prune")]
 
@@ -134,8 +133,7 @@ class EventHub:
         self._ready.set()  # streams still waiting for the first horizon end too
         if self._wakeups is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._wakeups.stop)
-        if self._on_loop is not None:
-            self._on_loop.close()
+        self._on_loop.close()
         self._reader.shutdown(wait=False, cancel_futures=True)
 
     # ---- wake-ups (called from database threads)
@@ -192,23 +190,10 @@ class EventHub:
     def _through(self, horizon: int, events: list[StoredEvent]) -> int:
         return horizon if len(events) < self.limits.read_batch else events[-1].sequence
 
-    def _read_step(self, after: int | None, jump: bool) -> tuple[int | None, list[StoredEvent], int | None]:
-        """One step in a database thread (SQLite): (horizon, events read, published through)."""
-        def step(conn: Connection) -> tuple[int | None, list[StoredEvent], int | None]:
-            horizon = self._horizon.advance(conn)
-            conn.commit()  # whatever the isolation level, the rows below are read in a snapshot after the probe
-            answer = self._without_reading(horizon, after, jump)
-            if answer is not None:
-                return answer
-            events = store.read_range(conn, after, horizon, limit=self.limits.read_batch)
-            return horizon, events, self._through(horizon, events)
-
-        return self.db.read(step)
-
     async def _read_step_on_loop(self, connection: LoopConnection, after: int | None,
                                  jump: bool) -> tuple[int | None, list[StoredEvent], int | None]:
-        """The same on the event loop (PostgreSQL): two statements in autocommit, so the events are
-        read in a snapshot taken after the probe."""
+        """One step on the event loop: (horizon, events read, published through). Two statements in
+        autocommit, so the events are read in a snapshot taken after the probe."""
         ((last, writers),) = await connection.fetch(_PROBE, {})
         horizon = self._horizon.resolve(last, writers)
         answer = self._without_reading(horizon, after, jump)
@@ -223,10 +208,7 @@ class EventHub:
         """Probe and publish once; True when there may be more to read soon."""
         after = self.published
         jump = self._jump and not self._live
-        if self._on_loop is not None:
-            horizon, events, through = await self._read_step_on_loop(self._on_loop, after, jump)
-        else:
-            horizon, events, through = await loop.run_in_executor(self._reader, self._read_step, after, jump)
+        horizon, events, through = await self._read_step_on_loop(self._on_loop, after, jump)
         if horizon is None:
             return True
         if jump or after is None:

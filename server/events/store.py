@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from sqlalchemy import Connection, and_, case, delete, func, select
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import postgresql
 
 from server.domain.errors import InvalidArgument
 from server.ledger.db import as_utc, utcnow
@@ -121,7 +121,7 @@ def check_consumer(consumer: str, *, required: bool) -> None:
 
 
 def _insert_for(conn: Connection):  # noqa: ANN202
-    return postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+    return postgresql.insert
 
 
 def ack(conn: Connection, principal: str, consumer: str, sequence: int) -> int:

@@ -1,6 +1,5 @@
-"""One PostgreSQL connection driven by the server's event loop, and group commit over it: the
-statements of the common Pay (`one_statement`), the common Transfer (`transfer_statement`) and the
-balance reads (`balance_reads`) go this way."""
+"""One PostgreSQL connection driven by the server's event loop, for reads that answer many callers
+at once: the balance reads (`balance_reads`) and the event stream's reader go this way."""
 
 from __future__ import annotations
 
@@ -15,14 +14,11 @@ import structlog
 
 from server.ledger.db import Database, PreparedSql
 
-# How long a statement may wait for a row lock (a member's or a club's, held by a careful-path
-# transaction) before it fails and its payments take the careful path. Every Pay of the process queues
-# behind the statement in flight, so one slow lock must not hold them all for longer than this.
+# How long a read may wait for a lock before it fails (reads take none; a bound all the same).
 LOCK_TIMEOUT_MS = 250
 
 # A statement that takes longer than this, from send to answer, is logged as a warning: every request
-# of its kind in this process waits behind it. Under load a common Pay statement takes 5-25 ms; the
-# slow ones measured were behind a stalled WAL flush on the database's disk (README, Performance).
+# of its kind in this process waits behind it.
 SLOW_STATEMENT_MS = 100.0
 
 log = structlog.get_logger("payments.server")
@@ -111,8 +107,7 @@ class LoopConnection:
 class StatementBatcher(abc.ABC, Generic[I, O]):
     """Group commit, on the server's event loop. While fewer than `max_in_flight` statements are in
     flight an item goes at once, alone; otherwise it waits, and as a statement returns, every item
-    waiting (up to `max_batch`) goes in the next one. Under load items share statements (and, for
-    payments, row locks and commits); without load none waits. Items are queued and answered on the
+    waiting (up to `max_batch`) goes in the next one. Under load items share statements ; without load none waits. Items are queued and answered on the
     event loop, and the statements are sent and read there too (`LoopConnection`), so an item costs
     no hand-off to a thread and back. A subclass says in `_run` what the statement is."""
 

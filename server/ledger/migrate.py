@@ -20,8 +20,7 @@ def alembic_config() -> Config:
 def upgrade(engine: Engine) -> None:
     cfg = alembic_config()
     with engine.begin() as conn:
-        if conn.dialect.name == "postgresql":
-            # several servers may start at once on one database: one migrates, the others wait
-            conn.exec_driver_sql("SELECT pg_advisory_xact_lock(774411)")
+        # several servers may start at once on one database: one migrates, the others wait
+        conn.exec_driver_sql("SELECT pg_advisory_xact_lock(774411)")
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")

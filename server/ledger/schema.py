@@ -13,16 +13,15 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
-    LargeBinary,
     MetaData,
     SmallInteger,
     String,
     Table,
     Text,
 )
+from sqlalchemy.dialects.postgresql import JSONB
 
-# BigInteger autoincrement on SQLite needs INTEGER to alias the rowid.
-BigId = BigInteger().with_variant(Integer(), "sqlite")
+BigId = BigInteger()
 
 metadata = MetaData(
     naming_convention={
@@ -99,7 +98,7 @@ idempotency_keys = Table(
     Column("key", String(255), primary_key=True),
     Column("method", String(64), nullable=False),
     Column("request_hash", String(64), nullable=False),
-    Column("response", LargeBinary, nullable=False),
+    Column("result", JSONB, nullable=False),  # {"type": result class, "data": its fields} (idempotency.py)
     Column("created_at", DateTime(timezone=True), nullable=False),
 )
 
@@ -122,9 +121,7 @@ outbox_events = Table(
     Column("event_id", BigInteger, nullable=False, server_default="0"),
     Column("session_id", BigInteger, nullable=False, server_default="0"),
     Column("created_at", DateTime(timezone=True), nullable=False),
-    # SQLite: never hand a sequence number out twice, even after pruning every row. PostgreSQL: the
-    # default is outbox_next_sequence() (migration 0002), which takes a transaction id before the number.
-    sqlite_autoincrement=True,
+    # the default is outbox_next_sequence() (migration 0002), which takes a transaction id before the number
 )
 
 # A durable consumer's progress; names are scoped by the calling principal.

@@ -7,13 +7,14 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import Connection, bindparam, select, update
+from sqlalchemy.dialects.postgresql import insert as insert_or_ignore
 
 from server.domain import validation
 from server.domain.errors import InvalidArgument, NotFound
 from server.domain.money import MAX_AMOUNT_CENTS, MAX_FEE_BP, MAX_NAME_CHARS
 from server.domain.types import AccountKind, AutoTopUpStatus, member_account, organisation_account, split_account_id
 from server.ledger.db import as_utc, utcnow
-from server.ledger.ledger import _insert_ignore, ensure_account
+from server.ledger.ledger import ensure_account
 from server.ledger.schema import accounts, member_cards, organisations
 
 _BSB = re.compile(r"^\d{3}-?\d{3}$")
@@ -41,7 +42,14 @@ class Balance:
     auto_top_up_amount_cents: int
 
 
-def upsert_member(conn: Connection, member_id: int, name: str) -> tuple[int, str, int]:
+@dataclass(frozen=True)
+class Member:
+    member_id: int
+    name: str
+    balance_cents: int
+
+
+def upsert_member(conn: Connection, member_id: int, name: str) -> Member:
     validation.positive_id("member_id", member_id)
     name = validation.bounded_text("name", name, MAX_NAME_CHARS)
     acct = member_account(member_id)
@@ -49,7 +57,7 @@ def upsert_member(conn: Connection, member_id: int, name: str) -> tuple[int, str
     balance = conn.execute(
         update(accounts).where(accounts.c.id == acct).values(name=name).returning(accounts.c.balance_cents)
     ).scalar_one()
-    return member_id, name, balance
+    return Member(member_id, name, balance)
 
 
 def upsert_organisation(
@@ -84,7 +92,7 @@ def upsert_organisation(
         settlement_fee_bp=settlement_fee_bp,
         updated_at=now,
     )
-    stmt = _insert_ignore(conn)(organisations).values(organisation_id=organisation_id, created_at=now, **values)
+    stmt = insert_or_ignore(organisations).values(organisation_id=organisation_id, created_at=now, **values)
     conn.execute(stmt.on_conflict_do_update(index_elements=["organisation_id"], set_=values))
     acct = organisation_account(organisation_id)
     ensure_account(conn, acct, name)

@@ -13,12 +13,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, delete, select, update
+from sqlalchemy.dialects.postgresql import insert as insert_or_ignore
 
 from server.domain.errors import InsufficientFunds, NotFound
 from server.domain.types import (
@@ -32,7 +32,7 @@ from server.domain.types import (
 from server.events.outbox import NewEvent, emit
 from server.ledger import idempotency
 from server.ledger.db import as_utc, utcnow
-from server.ledger.ledger import Leg, NewTransaction, _insert_ignore, balance_of, book
+from server.ledger.ledger import Leg, NewTransaction, balance_of, book
 from server.ledger.schema import card_payments, member_cards
 from server.services.pay import PayCommand, new_payment_id, pay_from_balance
 from server.stripe_gateway import stripe_key
@@ -118,7 +118,7 @@ def start_pending(conn: Connection, ref: str, member_id: int, purpose: str, amou
     if existing is not None:
         return existing
     # insert-or-nothing: a concurrent retry with the same key may have written it first
-    conn.execute(_insert_ignore(conn)(card_payments).on_conflict_do_nothing(index_elements=["payment_intent_id"]).values(
+    conn.execute(insert_or_ignore(card_payments).on_conflict_do_nothing(index_elements=["payment_intent_id"]).values(
         payment_intent_id=placeholder_id(ref), member_id=member_id, purpose=purpose, amount_cents=amount_cents,
         status=PENDING, payment_id=payment_id or ref_payment_id(ref), pending_request=pending_request,
         principal=principal, created_at=utcnow()))
@@ -157,7 +157,7 @@ def adopt(conn: Connection, payment_intent_id: str, metadata: dict[str, str], am
     if issued is None:
         return None
     log.warning("card payment %s: adopting a PaymentIntent made twice for one key", payment_intent_id)
-    conn.execute(_insert_ignore(conn)(card_payments).on_conflict_do_nothing(index_elements=["payment_intent_id"]).values(
+    conn.execute(insert_or_ignore(card_payments).on_conflict_do_nothing(index_elements=["payment_intent_id"]).values(
         payment_intent_id=payment_intent_id, member_id=int(member), purpose=purpose, amount_cents=amount_cents,
         status=PENDING, payment_id=new_payment_id(), principal="stripe", created_at=utcnow()))
     return get(conn, payment_intent_id)
@@ -286,28 +286,28 @@ def mark_failed(conn: Connection, card: CardPayment, reason: str, route_code: st
 @dataclass(frozen=True)
 class Once:
     """One idempotent request (SPEC §3) whose flow calls Stripe: `mutate` cannot hold a transaction
-    across Stripe, so the flow checks for a stored response first, calls Stripe outside any
-    transaction, and records its response in the final transaction that books."""
+    across Stripe, so the flow checks for a stored result first, calls Stripe outside any
+    transaction, and records its result in the final transaction that books."""
 
     principal: str
     key: str
     method: str
     request_hash: str
-    encode: Callable[[Any], bytes]
 
-    def stored(self, conn: Connection) -> bytes | None:
-        found = idempotency.lookup(conn, self.principal, self.key, self.method, self.request_hash)
-        return None if found is None else found.response
+    @property
+    def pending(self) -> idempotency.Pending:
+        return idempotency.Pending(self.principal, self.key, self.method, self.request_hash)
+
+    def stored(self, conn: Connection) -> Any | None:
+        """The stored result of an earlier identical request, or None."""
+        found = idempotency.lookup(conn, self.pending)
+        return None if found is None else found.result
 
     def record(self, conn: Connection, result: Any) -> None:
-        idempotency.record(conn, self.principal, self.key, self.method, self.request_hash, self.encode(result))
+        self.pending.record(conn, result)
 
     def stripe_key(self, purpose: str) -> str:
         return stripe_key(self.principal, self.key, purpose)
 
 
-@dataclass(frozen=True)
-class Replayed:
-    """The stored response of an earlier identical request."""
-
-    response: bytes
+Replayed = idempotency.Replayed  # the stored result of an earlier identical request

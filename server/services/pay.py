@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
-from google.protobuf.message import Message
 from sqlalchemy import Connection
 
 from server.domain import validation
 from server.domain.errors import InsufficientFunds, InvalidArgument
 from server.domain.money import MAX_AMOUNT_CENTS, MAX_ROUTE_CODE_CHARS, MAX_ROUTE_PAYLOAD_CHARS, TRANSFER_LIMIT_CENTS
 from server.domain.types import EventKind, PostingType, member_account, organisation_account
-from server.events.outbox import NewEvent, emit
-from server.ledger import idempotency, one_statement
-from server.ledger.db import Database
-from server.ledger.ledger import Leg, NewTransaction, balance_of, book, new_reference
+from server.ledger import idempotency
+from server.ledger.ledger import Booked, Leg, NewEvent, NewTransaction, balance_of, emit
 from server.services.accounts import require_account
-from server.services.fees import DEFAULTS as DEFAULT_FEE_SETTINGS
+from server.services.from_balance import book_one
 from server.services.low_balance import low_balance_check
 
 
@@ -95,111 +91,61 @@ def new_payment_id() -> str:
     return "pay_" + secrets.token_hex(10)
 
 
-def pay_from_balance(conn: Connection, cmd: PayCommand, payment_id: str | None = None) -> PayResult:
-    """Book member → payee when the balance covers it; raise InsufficientFunds otherwise."""
-    payment_id = payment_id or new_payment_id()
-    member_acct = member_account(cmd.member_id)
-    payee_acct = cmd.payee_account
-    if cmd.ensure_funds_only:
-        require_account(conn, payee_acct)
-        balance = balance_of(conn, member_acct) or 0
-        if balance < cmd.amount_cents:
-            raise InsufficientFunds(balance, cmd.amount_cents)
-        return PayResult(payment_id, balance)
-    try:
-        booked = book(
-            conn,
-            NewTransaction(
-                type=cmd.payment_type,
-                description=cmd.description,
-                principal=cmd.principal,
-                payment_id=payment_id,
-                event_id=cmd.event_id,
-                session_id=cmd.session_id,
-                legs=[
-                    Leg(member_acct, -cmd.amount_cents, payee_acct, must_stay_non_negative=True),
-                    Leg(payee_acct, cmd.amount_cents, member_acct),
-                ],
-                # an organisation's balance is not needed here: credit it at the commit, so a
-                # congress taking entries does not serialise every payment on its row lock
-                late_credits=cmd.organisation_id is not None,
-                rows_at_commit=True,  # a payment needs no transaction id
-            ),
+@dataclass(frozen=True)
+class PayRequest:
+    """A Pay from the balance as `from_balance.book_many` takes it (one of a group, or alone)."""
+
+    cmd: PayCommand
+    pending: idempotency.Pending | None
+    payment_id: str = field(default_factory=new_payment_id)
+
+    def plan(self, conn: Connection) -> NewTransaction | PayResult:
+        cmd = self.cmd
+        payment_id = self.payment_id
+        member_acct = member_account(cmd.member_id)
+        if cmd.ensure_funds_only:  # make sure of the funds, book nothing
+            require_account(conn, cmd.payee_account)
+            balance = balance_of(conn, member_acct) or 0
+            if balance < cmd.amount_cents:
+                raise InsufficientFunds(balance, cmd.amount_cents)
+            return PayResult(payment_id, balance)
+        return NewTransaction(
+            type=cmd.payment_type,
+            description=cmd.description,
+            principal=cmd.principal,
+            payment_id=payment_id,
+            event_id=cmd.event_id,
+            session_id=cmd.session_id,
+            legs=[
+                Leg(member_acct, -cmd.amount_cents, cmd.payee_account, must_stay_non_negative=True),
+                Leg(cmd.payee_account, cmd.amount_cents, member_acct),
+            ],
         )
-    except InsufficientFunds:
-        # the member's leg is applied first: an unknown payee must still be NOT_FOUND, never a
-        # shortfall that a card path would try to cover
-        require_account(conn, payee_acct)
-        raise
-    balance = booked.balances_after[member_acct]
-    assert balance >= 0, "a member balance is never negative after a Pay"
-    events = [cmd.success_event(payment_id, booked.reference, balance)]
-    if cmd.other_member_id is not None:
-        events.append(
-            NewEvent(
+
+    def finish(self, conn: Connection, booked: Booked) -> PayResult:
+        cmd = self.cmd
+        payment_id = self.payment_id
+        balance = booked.balances_after[member_account(cmd.member_id)]
+        assert balance >= 0, "a member balance is never negative after a Pay"
+        events = [cmd.success_event(payment_id, booked.reference, balance)]
+        if cmd.other_member_id is not None:
+            events.append(NewEvent(
                 EventKind.TRANSFER_RECEIVED,
                 member_id=cmd.other_member_id,
                 other_member_id=cmd.member_id,
                 amount_cents=cmd.amount_cents,
-                balance_cents=booked.balances_after[payee_acct],
+                balance_cents=booked.balances_after[cmd.payee_account],
                 payment_id=payment_id,
                 reference=booked.reference,
                 route_code=cmd.route_code,
                 route_payload=cmd.route_payload,
-            )
-        )
-    needs_top_up = low_balance_check(conn, cmd.member_id, balance, events)
-    emit(conn, *events)
-    return PayResult(payment_id, balance, booked.reference, needs_auto_top_up=needs_top_up)
+            ))
+        needs_top_up = low_balance_check(conn, cmd.member_id, balance, events)
+        emit(conn, *events)
+        return PayResult(payment_id, balance, booked.reference, needs_auto_top_up=needs_top_up)
 
 
-def in_one_statement(cmd: PayCommand) -> bool:
-    """Whether a Pay may first be tried in one statement (PostgreSQL): a booking to an organisation."""
-    return cmd.organisation_id is not None and not cmd.ensure_funds_only
-
-
-def new_batcher(db: Database) -> one_statement.PaymentBatcher:
-    """One per process: Pays that arrive while a statement is in flight share the next one."""
-    return one_statement.PaymentBatcher(db, DEFAULT_FEE_SETTINGS.low_balance_limit_cents)
-
-
-def member_payment(cmd: PayCommand, record: idempotency.Pending,
-                   respond: Callable[[PayResult], Message]) -> one_statement.MemberPayment:
-    """The Pay as the one statement takes it, with a new payment id and reference; its stored
-    response is `respond`'s, with the balance after the statement fills in."""
-    assert in_one_statement(cmd) and cmd.organisation_id is not None
-    payment_id = new_payment_id()
-    reference = new_reference(cmd.payment_type)
-    head, tail = idempotency.response_around(respond(PayResult(payment_id, 1, reference)), "balance_cents")
-    return one_statement.MemberPayment(
-        organisation_account_id=cmd.payee_account,
-        organisation_id=cmd.organisation_id,
-        member_account_id=member_account(cmd.member_id),
-        member_id=cmd.member_id,
-        amount_cents=cmd.amount_cents,
-        type=cmd.payment_type.value,
-        description=cmd.description,
-        principal=cmd.principal,
-        payment_id=payment_id,
-        reference=reference,
-        event_id=cmd.event_id,
-        session_id=cmd.session_id,
-        event_kind=EventKind.PAYMENT_SUCCEEDED.value,
-        route_code=cmd.route_code,
-        route_payload=cmd.route_payload,
-        record_principal=record.principal,
-        record_key=record.key,
-        record_method=record.method,
-        record_request_hash=record.request_hash,
-        response_head=head,
-        response_tail=tail,
-    )
-
-
-def paid_in_one_statement(payment: one_statement.MemberPayment, balance_cents: int | None) -> PayResult | None:
-    """The result of a Pay the one statement booked (`balance_cents` is the member's balance
-    after), or None when it was left out and `pay_from_balance` must run in a unit of work."""
-    if balance_cents is None:
-        return None
-    assert balance_cents >= 0, "a member balance is never negative after a Pay"
-    return PayResult(payment.payment_id, balance_cents, payment.reference)
+def pay_from_balance(conn: Connection, cmd: PayCommand, payment_id: str | None = None) -> PayResult:
+    """Book member → payee in this unit of work when the balance covers it; raise InsufficientFunds
+    otherwise. The caller records the result (card flows)."""
+    return book_one(conn, PayRequest(cmd, None, payment_id or new_payment_id()))

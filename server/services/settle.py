@@ -22,11 +22,11 @@ from dataclasses import dataclass, field, replace
 
 from sqlalchemy import Connection, insert, select
 
-from server.domain.errors import InvalidArgument, NotFound
+from server.domain.errors import DomainError, InvalidArgument, NotFound
 from server.domain.money import settlement_for
 from server.domain.types import AccountKind, EventKind, PostingType, SystemAccount, organisation_account, system_account
 from server.events.outbox import NewEvent, emit
-from server.ledger.ledger import Booked, Leg, NewTransaction, book
+from server.ledger.ledger import Booked, Leg, NewTransaction, post
 from server.ledger.schema import accounts, organisations, settlements
 from server.services.fees import FeeSettings, current_fee_settings
 
@@ -127,9 +127,8 @@ def _candidates(conn: Connection, organisation_ids: Sequence[int], lock: bool): 
     else:
         query = query.where(accounts.c.balance_cents > organisations.c.minimum_balance_cents)
     if lock:
-        # PostgreSQL: row locks on the accounts, taken in id order (the ledger's order for
-        # organisations); the balances read are the latest committed ones. SQLite: the
-        # transaction already holds the write lock (BEGIN IMMEDIATE).
+        # row locks on the accounts, taken in id order (the ledger's order for organisations);
+        # the balances read are the latest committed ones
         query = query.with_for_update(of=accounts)
     return list(conn.execute(query))
 
@@ -173,7 +172,15 @@ def settle(conn: Connection, cmd: SettleCommand) -> SettleResult:
         return SettleResult(batch_id, True, rows, skipped, fees)
     if not rows:
         return SettleResult("", False, rows, skipped, fees)  # nothing was settled: no batch
-    done = [(row, _book(conn, cmd.principal, batch_id, row)) for row in rows]
+    # every organisation's transaction through the one write path at once (set-based)
+    booked_all = post(conn, [_transaction(cmd.principal, batch_id, row) for row in rows])
+    for outcome in booked_all:
+        if isinstance(outcome, DomainError):  # under the locks taken above, nothing can refuse a row
+            raise outcome
+    done = list(zip(rows, booked_all, strict=True))
+    for row, booked in done:
+        assert booked.balances_after[organisation_account(row.organisation_id)] == row.minimum_balance_cents, \
+            "a settlement leaves the minimum balance"
     # the batch's records and events, written once for the whole batch
     conn.execute(insert(settlements), [_settlement_record(batch_id, fees, row, booked) for row, booked in done])
     emit(conn, *(_settlement_event(batch_id, row, booked) for row, booked in done))
@@ -181,7 +188,7 @@ def settle(conn: Connection, cmd: SettleCommand) -> SettleResult:
     return SettleResult(batch_id, False, rows, skipped, fees)
 
 
-def _book(conn: Connection, principal: str, batch_id: str, row: SettlementRow) -> Booked:
+def _transaction(principal: str, batch_id: str, row: SettlementRow) -> NewTransaction:
     """One organisation's settlement: organisation −gross, `federation` +fee, `bank` +net."""
     org_acct = organisation_account(row.organisation_id)
     federation = system_account(SystemAccount.FEDERATION)
@@ -191,19 +198,14 @@ def _book(conn: Connection, principal: str, batch_id: str, row: SettlementRow) -
         legs.append(Leg(federation, row.fee_cents, org_acct))
     if row.net_cents:
         legs.append(Leg(bank, row.net_cents, org_acct))
-    booked = book(
-        conn,
-        NewTransaction(
-            type=PostingType.SETTLEMENT,
-            description=_description(row),
-            principal=principal,
-            legs=legs,
-            payment_id=batch_id,
-            batch_id=batch_id,
-        ),
+    return NewTransaction(
+        type=PostingType.SETTLEMENT,
+        description=_description(row),
+        principal=principal,
+        legs=legs,
+        payment_id=batch_id,
+        batch_id=batch_id,
     )
-    assert booked.balances_after[org_acct] == row.minimum_balance_cents, "a settlement leaves the minimum balance"
-    return booked
 
 
 def _settlement_record(batch_id: str, fees: FeeSettings, row: SettlementRow, booked: Booked) -> dict:

@@ -52,7 +52,7 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('consumer', name=op.f('pk_event_consumers'))
     )
     op.create_table('fee_settings',
-    sa.Column('version', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=True, nullable=False),
+    sa.Column('version', sa.BigInteger(), autoincrement=True, nullable=False),
     sa.Column('settlement_fee_bp', sa.Integer(), nullable=False),
     sa.Column('refund_fee_bp', sa.Integer(), nullable=False),
     sa.Column('stripe_cost_per_transaction_cents', sa.BigInteger(), nullable=False),
@@ -93,7 +93,7 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('organisation_id', name=op.f('pk_organisations'))
     )
     op.create_table('outbox_events',
-    sa.Column('sequence', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=True, nullable=False),
+    sa.Column('sequence', sa.BigInteger(), autoincrement=True, nullable=False),
     sa.Column('kind', sa.String(length=24), nullable=False),
     sa.Column('route_code', sa.String(length=16), server_default='', nullable=False),
     sa.Column('route_payload', sa.Text(), server_default='', nullable=False),
@@ -117,7 +117,7 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('event_id', name=op.f('pk_stripe_events'))
     )
     op.create_table('transactions',
-    sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=True, nullable=False),
+    sa.Column('id', sa.BigInteger(), autoincrement=True, nullable=False),
     sa.Column('reference', sa.String(length=32), nullable=False),
     sa.Column('type', sa.String(length=24), nullable=False),
     sa.Column('description', sa.String(length=80), nullable=False),
@@ -135,7 +135,7 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f('ix_transactions_payment_id'), ['payment_id'], unique=False)
 
     op.create_table('postings',
-    sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=True, nullable=False),
+    sa.Column('id', sa.BigInteger(), autoincrement=True, nullable=False),
     sa.Column('transaction_id', sa.BigInteger(), nullable=False),
     sa.Column('account_id', sa.BigInteger(), nullable=False),
     sa.Column('amount_cents', sa.BigInteger(), nullable=False),
@@ -159,7 +159,7 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f('ix_postings_transaction_id'), ['transaction_id'], unique=False)
 
     op.create_table('refunds',
-    sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=True, nullable=False),
+    sa.Column('id', sa.BigInteger(), autoincrement=True, nullable=False),
     sa.Column('payment_intent_id', sa.String(length=100), nullable=False),
     sa.Column('stripe_refund_id', sa.String(length=100), nullable=True),
     sa.Column('amount_cents', sa.BigInteger(), nullable=False),
@@ -177,7 +177,7 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f('ix_refunds_payment_intent_id'), ['payment_intent_id'], unique=False)
 
     op.create_table('settlements',
-    sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=True, nullable=False),
+    sa.Column('id', sa.BigInteger(), autoincrement=True, nullable=False),
     sa.Column('batch_id', sa.String(length=40), nullable=False),
     sa.Column('organisation_id', sa.BigInteger(), nullable=False),
     sa.Column('transaction_id', sa.BigInteger(), nullable=False),

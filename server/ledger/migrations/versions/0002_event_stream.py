@@ -3,14 +3,12 @@
 Revision ID: 0002_event_stream
 Revises: 0001
 
-- PostgreSQL: an outbox row takes its sequence number from `outbox_next_sequence()`, which first takes
+- An outbox row takes its sequence number from `outbox_next_sequence()`, which first takes
   a shared transaction-level advisory lock (key 774412, never taken exclusively) and then draws the
   number, with a sequence cache of 1 so that the sequence's `last_value` is exact. Until it ends, a
   transaction that drew a number is listed in pg_locks under that key; `outbox_writers_probe()` reads
   the last number drawn and then those in-flight writers, which is what the stream's reader needs to
   know up to which number every event is final (see server/events/horizon.py).
-- SQLite: the outbox becomes AUTOINCREMENT so that a number is never handed out twice, even after
-  every row was pruned.
 - `event_consumers` is keyed by (principal, consumer): two callers may use the same consumer name.
 - `event_stream_state` holds `pruned_through`, the highest sequence retention may have deleted.
 """
@@ -28,34 +26,29 @@ WRITERS_LOCK_KEY = 774412  # server/events/horizon.py reads the same key
 
 def upgrade() -> None:
     bind = op.get_bind()
-    if bind.dialect.name == 'postgresql':
-        seq = bind.exec_driver_sql("SELECT pg_get_serial_sequence('outbox_events', 'sequence')").scalar()
-        op.execute(f"ALTER SEQUENCE {seq} CACHE 1")
-        op.execute(
-            "CREATE OR REPLACE FUNCTION outbox_next_sequence() RETURNS bigint LANGUAGE plpgsql VOLATILE AS $$\n"
-            "BEGIN\n"
-            f"  PERFORM pg_advisory_xact_lock_shared({WRITERS_LOCK_KEY});\n"
-            f"  RETURN nextval('{seq}'::regclass);\n"
-            "END\n"
-            "$$"
-        )
-        op.execute(
-            "CREATE OR REPLACE FUNCTION outbox_writers_probe(OUT last_sequence bigint, OUT writers text[])\n"
-            "LANGUAGE plpgsql VOLATILE AS $$\n"
-            "BEGIN\n"
-            f"  SELECT CASE WHEN is_called THEN last_value ELSE 0 END INTO last_sequence FROM {seq};\n"
-            "  SELECT coalesce(array_agg(virtualtransaction), '{}') INTO writers FROM pg_locks\n"
-            "   WHERE locktype = 'advisory' AND classid = 0 AND objsubid = 1\n"
-            f"     AND objid = {WRITERS_LOCK_KEY}\n"
-            "     AND database = (SELECT oid FROM pg_database WHERE datname = current_database());\n"
-            "END\n"
-            "$$"
-        )
-        op.execute("ALTER TABLE outbox_events ALTER COLUMN sequence SET DEFAULT outbox_next_sequence()")
-    else:
-        with op.batch_alter_table('outbox_events', recreate='always',
-                                  table_kwargs={'sqlite_autoincrement': True}) as batch_op:
-            batch_op.alter_column('sequence', existing_type=sa.Integer(), autoincrement=True)
+    seq = bind.exec_driver_sql("SELECT pg_get_serial_sequence('outbox_events', 'sequence')").scalar()
+    op.execute(f"ALTER SEQUENCE {seq} CACHE 1")
+    op.execute(
+        "CREATE OR REPLACE FUNCTION outbox_next_sequence() RETURNS bigint LANGUAGE plpgsql VOLATILE AS $$\n"
+        "BEGIN\n"
+        f"  PERFORM pg_advisory_xact_lock_shared({WRITERS_LOCK_KEY});\n"
+        f"  RETURN nextval('{seq}'::regclass);\n"
+        "END\n"
+        "$$"
+    )
+    op.execute(
+        "CREATE OR REPLACE FUNCTION outbox_writers_probe(OUT last_sequence bigint, OUT writers text[])\n"
+        "LANGUAGE plpgsql VOLATILE AS $$\n"
+        "BEGIN\n"
+        f"  SELECT CASE WHEN is_called THEN last_value ELSE 0 END INTO last_sequence FROM {seq};\n"
+        "  SELECT coalesce(array_agg(virtualtransaction), '{}') INTO writers FROM pg_locks\n"
+        "   WHERE locktype = 'advisory' AND classid = 0 AND objsubid = 1\n"
+        f"     AND objid = {WRITERS_LOCK_KEY}\n"
+        "     AND database = (SELECT oid FROM pg_database WHERE datname = current_database());\n"
+        "END\n"
+        "$$"
+    )
+    op.execute("ALTER TABLE outbox_events ALTER COLUMN sequence SET DEFAULT outbox_next_sequence()")
 
     with op.batch_alter_table('event_consumers', schema=None) as batch_op:
         batch_op.drop_constraint('pk_event_consumers', type_='primary')
@@ -74,8 +67,7 @@ def downgrade() -> None:
         batch_op.drop_constraint('pk_event_consumers', type_='primary')
         batch_op.create_primary_key('pk_event_consumers', ['consumer'])
     bind = op.get_bind()
-    if bind.dialect.name == 'postgresql':
-        seq = bind.exec_driver_sql("SELECT pg_get_serial_sequence('outbox_events', 'sequence')").scalar()
-        op.execute(f"ALTER TABLE outbox_events ALTER COLUMN sequence SET DEFAULT nextval('{seq}'::regclass)")
-        op.execute("DROP FUNCTION IF EXISTS outbox_next_sequence()")
-        op.execute("DROP FUNCTION IF EXISTS outbox_writers_probe()")
+    seq = bind.exec_driver_sql("SELECT pg_get_serial_sequence('outbox_events', 'sequence')").scalar()
+    op.execute(f"ALTER TABLE outbox_events ALTER COLUMN sequence SET DEFAULT nextval('{seq}'::regclass)")
+    op.execute("DROP FUNCTION IF EXISTS outbox_next_sequence()")
+    op.execute("DROP FUNCTION IF EXISTS outbox_writers_probe()")

@@ -1,0 +1,100 @@
+"""Group commit: a batching layer in front of the one write path.
+
+Requests that arrive while a group is being booked wait and go together in the next group, in one
+unit of work (`from_balance.book_many`): they share its round trips, its row locks and its commit.
+Without load a group is one request and nobody waits. A group skips accounts that another
+transaction holds (`SKIP LOCKED`): the requests that need such an account are booked again alone,
+waiting for the lock up to the lock timeout, so one busy account never holds up the others.
+Two requests with the same idempotency key never share a group: the second waits for the next.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+from sqlalchemy.exc import IntegrityError
+
+from server.ledger.db import Database
+from server.ledger.ledger import AccountBusy
+from server.services.from_balance import BalanceRequest, book_many
+
+log = structlog.get_logger("payments.server")
+
+MAX_GROUP = 64  # requests in one unit of work
+SLOW_GROUP_MS = 100.0  # a group that takes longer is logged: every request of its kind waited for it
+
+
+class GroupCommit:
+    def __init__(self, db: Database, in_thread: Callable[[Callable[[], Any]], Awaitable[Any]], name: str,
+                 max_group: int = MAX_GROUP, on_group: Callable[[int], None] | None = None):
+        self.db = db
+        self.in_thread = in_thread
+        self.name = name
+        self.max_group = max_group
+        self.on_group = on_group  # told each group's size (metrics)
+        self._waiting: list[tuple[BalanceRequest, asyncio.Future]] = []
+        self._busy = False
+
+    async def submit(self, request: BalanceRequest) -> Any:
+        """The request's outcome: its result, an `idempotency.Replayed`, or the DomainError refusing it."""
+        answer = asyncio.get_running_loop().create_future()
+        self._waiting.append((request, answer))
+        if not self._busy:
+            self._busy = True
+            asyncio.get_running_loop().create_task(self._drain())
+        outcome = await answer
+        if isinstance(outcome, AccountBusy):  # booked again alone, waiting for the lock
+            outcome = await self.alone(request)
+        return outcome
+
+    async def alone(self, request: BalanceRequest) -> Any:
+        return (await self.in_thread(lambda: self._book([request], skip_locked=False)))[0]
+
+    def _book(self, group: list[BalanceRequest], *, skip_locked: bool) -> list[Any]:
+        try:
+            return self.db.run(lambda conn: book_many(conn, group, skip_locked=skip_locked))
+        except IntegrityError:
+            # a request with the same key committed meanwhile elsewhere: the group rolled back
+            # whole; once more, each request finds its stored result or books anew
+            return self.db.run(lambda conn: book_many(conn, group, skip_locked=skip_locked))
+
+    def _next_group(self) -> list[tuple[BalanceRequest, asyncio.Future]]:
+        group, rest, keys = [], [], set()
+        for item in self._waiting:
+            pending = item[0].pending
+            key = None if pending is None else (pending.principal, pending.key)
+            if len(group) < self.max_group and (key is None or key not in keys):
+                group.append(item)
+                keys.add(key)
+            else:
+                rest.append(item)
+        self._waiting = rest
+        return group
+
+    async def _drain(self) -> None:
+        try:
+            while self._waiting:
+                group = self._next_group()
+                started = time.perf_counter()
+                try:
+                    outcomes = await self.in_thread(
+                        lambda g=group: self._book([request for request, _ in g], skip_locked=True))
+                except Exception as exc:  # noqa: BLE001 - every request of the group is told
+                    for _, answer in group:
+                        if not answer.done():
+                            answer.set_exception(exc)
+                    continue
+                for (_, answer), outcome in zip(group, outcomes, strict=True):
+                    if not answer.done():  # a caller that went away is not answered (a retry asks again)
+                        answer.set_result(outcome)
+                if self.on_group is not None:
+                    self.on_group(len(group))
+                took_ms = (time.perf_counter() - started) * 1000
+                if took_ms > SLOW_GROUP_MS:
+                    log.warning("slow group commit", kind=self.name, size=len(group), duration_ms=round(took_ms, 1))
+        finally:
+            self._busy = False
