@@ -20,9 +20,9 @@ def _one_payment(cur, member_id: int, org_id: int, amount_cents: int) -> None:  
     member_acct, org_acct = member_account(member_id), organisation_account(org_id)
     ref = "PAY-" + secrets.token_hex(6).upper()
     cur.execute(
-        "INSERT INTO idempotency_keys (principal, key, method, request_hash, response, created_at) "
+        "INSERT INTO idempotency_keys (principal, key, method, request_hash, result, created_at) "
         "VALUES ('floor', %s, 'Pay', %s, %s, now())",
-        (secrets.token_hex(16), secrets.token_hex(32), b"\x08\x01"),
+        (secrets.token_hex(16), secrets.token_hex(32), '{"type": "floor", "data": {}}'),
     )
     cur.execute(
         "UPDATE accounts SET balance_cents = balance_cents - %s, last_movement_at = clock_timestamp() "

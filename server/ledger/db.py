@@ -62,7 +62,7 @@ def make_engine(url: str, *, pool_size: int = 16, lock_timeout_ms: int = DEFAULT
     def _nothing_left_behind(conn):  # noqa: ANN001
         # buffered writes are flushed by Database.run; a commit elsewhere would lose them silently
         left = conn.info.get(UNIT_STATE)
-        if left and any(left.values()):
+        if left and any(isinstance(v, list) and v for v in left.values()):
             raise RuntimeError("buffered ledger writes were not flushed: write money inside Database.run")
 
     return engine
@@ -171,13 +171,17 @@ class Database:
                 logging.getLogger(__name__).exception("after-commit hook failed")
 
     def read_connection(self) -> Connection:
-        """A connection for reading only; the caller closes it."""
-        return self.engine.connect()
+        """A connection for reading only, in autocommit: each statement reads committed data in a
+        snapshot of its own and holds nothing once it has answered. The caller closes it."""
+        return self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
 
     def read(self, fn: Callable[[Connection], T]) -> T:
         try:
             with self.read_connection() as conn:
-                return fn(conn)
+                try:
+                    return fn(conn)
+                finally:
+                    _clear(conn)
         except DBAPIError as exc:
             raise translate(exc) from exc
 

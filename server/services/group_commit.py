@@ -1,7 +1,15 @@
-"""Group commit: a batching layer in front of the one write path.
+"""Group commit: a batching layer in front of the one write path, for requests that book from a
+balance (Pay, Transfer).
 
-Requests that arrive while a group is being booked wait and go together in the next group, in one
-unit of work (`from_balance.book_many`): they share its round trips, its row locks and its commit.
+`book_many` is one unit of work for one or many requests: it answers repeats from their stored
+results, asks each new request for its transaction, books them all through the one write path
+(`ledger.post`), and lets each booked request finish (its events, its result), recording the result
+under its idempotency key. A refused request (funds, an unknown payee, a busy account) writes
+nothing and records nothing; the others go on.
+
+`GroupCommit` is the batching in front of it:
+requests that arrive while a group is being booked wait and go together in the next group, in one
+unit of work (`book_many`): they share its round trips, its row locks and its commit.
 Without load a group is one request and nobody waits. A group skips accounts that another
 transaction holds (`SKIP LOCKED`): the requests that need such an account are booked again alone,
 waiting for the lock up to the lock timeout, so one busy account never holds up the others.
@@ -12,20 +20,70 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol
 
 import structlog
+from sqlalchemy import Connection
 from sqlalchemy.exc import IntegrityError
 
+from server.domain.errors import DomainError
+from server.ledger import idempotency, ledger
 from server.ledger.db import Database
-from server.ledger.ledger import AccountBusy
-from server.services.from_balance import BalanceRequest, book_many
+from server.ledger.ledger import AccountBusy, Booked, NewTransaction
 
 log = structlog.get_logger("payments.server")
 
 MAX_GROUP = 64  # requests in one unit of work
 SLOW_GROUP_MS = 100.0  # a group that takes longer is logged: every request of its kind waited for it
+
+
+class BalanceRequest(Protocol):
+    pending: idempotency.Pending | None  # None: the caller records the result itself (card flows)
+
+    def plan(self, conn: Connection) -> NewTransaction | Any:
+        """The transaction to book, or the result at once (nothing to book), or a DomainError."""
+
+    def finish(self, conn: Connection, booked: Booked) -> Any:
+        """Events and the result of the booked transaction."""
+
+
+Outcome = Any  # a result, an idempotency.Replayed, or a DomainError
+
+
+def book_many(conn: Connection, requests: Sequence[BalanceRequest], *, skip_locked: bool = False) -> list[Outcome]:
+    keyed = [(n, r.pending) for n, r in enumerate(requests) if r.pending is not None]
+    outcomes: list[Outcome] = [None] * len(requests)
+    for (n, _), found in zip(keyed, idempotency.lookup_many(conn, [p for _, p in keyed]), strict=True):
+        outcomes[n] = found
+    fresh = [(n, r) for n, (r, found) in enumerate(zip(requests, outcomes, strict=True)) if found is None]
+    planned = [_plan(conn, r) for _, r in fresh]
+    transactions = [p for p in planned if isinstance(p, NewTransaction)]
+    posted = iter(ledger.post(conn, transactions, skip_locked=skip_locked) if transactions else ())
+    for (n, request), plan in zip(fresh, planned, strict=True):
+        result = plan
+        if isinstance(plan, NewTransaction):
+            booked = next(posted)
+            result = booked if isinstance(booked, DomainError) else request.finish(conn, booked)
+        if request.pending is not None and not isinstance(result, DomainError):
+            request.pending.record(conn, result)
+        outcomes[n] = result
+    return outcomes
+
+
+def _plan(conn: Connection, request: BalanceRequest) -> Any:
+    try:
+        return request.plan(conn)
+    except DomainError as refused:
+        return refused
+
+
+def book_one(conn: Connection, request: BalanceRequest) -> Any:
+    """One request, waiting for its locks: its result or replay; a refusal is raised."""
+    (outcome,) = book_many(conn, [request])
+    if isinstance(outcome, DomainError):
+        raise outcome
+    return outcome
 
 
 class GroupCommit:

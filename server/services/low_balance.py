@@ -6,6 +6,7 @@ from sqlalchemy import Connection, select
 
 from server.domain.types import AutoTopUpStatus, EventKind
 from server.events.outbox import NewEvent
+from server.ledger.db import unit_state
 from server.ledger.schema import member_cards
 from server.services.fees import MAX_LOW_BALANCE_LIMIT_CENTS, current_fee_settings
 
@@ -15,7 +16,10 @@ def low_balance_check(conn: Connection, member_id: int, balance_cents: int, even
     since Stripe is never called inside a transaction); otherwise add a LOW_BALANCE event."""
     if balance_cents >= MAX_LOW_BALANCE_LIMIT_CENTS:  # above any limit that can be set: no query
         return False
-    low_limit_cents = current_fee_settings(conn).low_balance_limit_cents
+    state = unit_state(conn)  # one read of the settings per unit of work, however many bookings it holds
+    if "low_limit_cents" not in state:
+        state["low_limit_cents"] = current_fee_settings(conn).low_balance_limit_cents
+    low_limit_cents = state["low_limit_cents"]
     if balance_cents >= low_limit_cents:
         return False
     status = conn.execute(

@@ -14,7 +14,7 @@ from server.domain.types import EventKind, PostingType, member_account, organisa
 from server.ledger import idempotency
 from server.ledger.ledger import Booked, Leg, NewEvent, NewTransaction, balance_of, emit
 from server.services.accounts import require_account
-from server.services.from_balance import book_one
+from server.services.group_commit import book_one
 from server.services.low_balance import low_balance_check
 
 
@@ -93,7 +93,7 @@ def new_payment_id() -> str:
 
 @dataclass(frozen=True)
 class PayRequest:
-    """A Pay from the balance as `from_balance.book_many` takes it (one of a group, or alone)."""
+    """A Pay from the balance as `group_commit.book_many` takes it (one of a group, or alone)."""
 
     cmd: PayCommand
     pending: idempotency.Pending | None

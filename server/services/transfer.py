@@ -12,7 +12,7 @@ from server.domain.money import MAX_AMOUNT_CENTS, TRANSFER_LIMIT_CENTS
 from server.domain.types import EventKind, PostingType, member_account, organisation_account
 from server.ledger import idempotency
 from server.ledger.ledger import Booked, Leg, NewEvent, NewTransaction, emit
-from server.services.from_balance import book_one
+from server.services.group_commit import book_one
 from server.services.low_balance import low_balance_check
 from server.services.pay import new_payment_id
 
@@ -58,7 +58,7 @@ class TransferResult:
 
 @dataclass(frozen=True)
 class TransferRequest:
-    """A Transfer as `from_balance.book_many` takes it (one of a group, or alone)."""
+    """A Transfer as `group_commit.book_many` takes it (one of a group, or alone)."""
 
     cmd: TransferCommand
     pending: idempotency.Pending | None
