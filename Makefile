@@ -1,4 +1,4 @@
-# Cobalt Payments. `make run` serves on SQLite; `make test` installs what it needs and runs the suite.
+# Cobalt Payments. `make run` serves on an embedded PostgreSQL unless PAYMENTS_DATABASE_URL is set; `make test` installs what it needs and runs the suite.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
