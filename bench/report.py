@@ -88,13 +88,17 @@ def targets(rows: dict) -> list[dict]:
 
     floor, spread, hot = get("floor_spread", "per_s"), get("pay_spread", "per_s"), get("pay_hot", "per_s")
     if floor and spread:
-        out.append({"target": "Pay spread >= 0.5 x floor", "value": f"{spread / floor:.2f} x",
-                    "met": spread / floor >= 0.5})
+        out.append({"target": "Pay spread >= 1.2 x floor", "value": f"{spread / floor:.2f} x",
+                    "met": spread / floor >= 1.2})
         p99 = get("pay_spread", "p99_ms")
         out.append({"target": "Pay spread p99 <= 50 ms", "value": f"{p99} ms", "met": p99 is not None and p99 <= 50})
     if spread and hot:
         out.append({"target": "Pay hot >= 0.9 x Pay spread", "value": f"{hot / spread:.2f} x",
                     "met": hot / spread >= 0.9})
+    plain = get("pay_spread_no_accept_ahead", "per_s")
+    if spread and plain:
+        out.append({"target": "accept-ahead buys >= 20 % on Pay spread", "value": f"{spread / plain:.2f} x",
+                    "met": spread / plain >= 1.2})
     spread2, hot2 = get("pay_spread_2proc", "per_s"), get("pay_hot_2proc", "per_s")
     if floor and spread2:
         p99 = get("pay_spread_2proc", "p99_ms")
