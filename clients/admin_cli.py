@@ -385,7 +385,9 @@ def write_bank_csv(res: pb.SettleResponse, dest: str) -> None:
     writer = csv.writer(buf)
     writer.writerow(BANK_CSV_COLUMNS)
     for r in res.rows:
-        writer.writerow([r.bsb, r.account_number, r.name, plain_dollars(r.net_cents), r.reference, r.organisation_id,
+        # a name a spreadsheet would run as a formula gets a leading apostrophe (SPEC §4)
+        name = "'" + r.name if r.name.startswith(("=", "+", "-", "@", "\t", "\r")) else r.name
+        writer.writerow([r.bsb, r.account_number, name, plain_dollars(r.net_cents), r.reference, r.organisation_id,
                          res.batch_id])
     path = Path(dest)
     tmp = path.with_name(f".{path.name}.part")
