@@ -9,20 +9,18 @@ import io
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
-from zoneinfo import ZoneInfo
 
 from sqlalchemy import Connection, bindparam, select, text, tuple_
 from sqlalchemy.orm import aliased
 
 from server.domain.errors import InvalidArgument
-from server.domain.types import DISPLAY_NAMES, AccountKind, PostingType, SystemAccount, split_account_id
+from server.domain.types import DISPLAY_NAMES, AccountKind, PostingType, SystemAccount
 from server.ledger.db import as_utc
 from server.ledger.schema import accounts, postings
 from server.services.accounts import require_account
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
-EXPORT_BATCH = 1000
 EXPORT_CHUNK_BYTES = 64 * 1024  # what one CsvChunk carries, about
 EXPORT_FETCH_ROWS = 2000  # rows the server-side cursor hands over at a time
 
@@ -87,16 +85,6 @@ def _balance_before(conn: Connection, acct_id: int, when: datetime | None) -> in
 def balance_at(conn: Connection, acct_id: int, when: datetime | None) -> int:
     """The balance at `when` (the latest, when None): after the last posting strictly before it."""
     return _balance_before(conn, acct_id, when)
-
-
-def counterparty_label(acct_id: int | None, name: str) -> str:
-    if acct_id is None:
-        return ""
-    kind, ext = split_account_id(acct_id)
-    if kind == AccountKind.SYSTEM:
-        return name or SystemAccount(ext).code
-    prefix = "member" if kind == AccountKind.MEMBER else "organisation"
-    return f"{name} ({prefix} {ext})" if name else f"{prefix} {ext}"
 
 
 @functools.cache
@@ -181,21 +169,16 @@ def get_statement(conn: Connection, acct_id: int, start: datetime | None, end: d
 CSV_COLUMNS = ["Date", "Counterparty", "Reference", "Type", "Description", "Amount", "Balance"]
 
 
-def _dollars(cents: int) -> str:
-    sign = "-" if cents < 0 else ""
-    return f"{sign}{abs(cents) // 100}.{abs(cents) % 100:02d}"
-
-
 def export_csv(conn: Connection, acct_id: int, start: datetime | None, end: datetime | None,
                tz_name: str) -> Iterator[bytes]:
     """The whole statement as CSV, newest first, in chunks of about EXPORT_CHUNK_BYTES; dates in
-    the configured time zone. On PostgreSQL one server-side cursor reads it (one snapshot, memory
-    bounded by one fetch) and the database formats each line."""
+    the configured time zone. One server-side cursor reads it (one snapshot, memory bounded by
+    one fetch) and the database formats each line."""
     _check_range(start, end)
+    # the first statement of the connection's transaction: the export is one snapshot
+    conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
     require_account(conn, acct_id)
-    if conn.dialect.name == "postgresql":
-        return _export_csv_pg(conn, acct_id, start, end, tz_name)
-    return _export_csv_rows(conn, acct_id, start, end, tz_name)
+    return _export_csv_pg(conn, acct_id, start, end, tz_name)
 
 
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
@@ -258,9 +241,7 @@ def _csv_header() -> str:
 
 def _export_csv_pg(conn: Connection, acct_id: int, start: datetime | None, end: datetime | None,
                    tz_name: str) -> Iterator[bytes]:
-    # A cursor of our own in a transaction of our own (the read connection runs in autocommit):
-    # one snapshot for the whole export, and the server holds one fetch at a time.
-    conn.exec_driver_sql("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+    # a cursor of our own in the connection's transaction: the server holds one fetch at a time
     try:
         conn.execute(_DECLARE_EXPORT, {"acct_id": acct_id, "start": start, "end": end, "tz": tz_name})
         pending = [_csv_header().removesuffix("\r\n")]
@@ -275,36 +256,4 @@ def _export_csv_pg(conn: Connection, acct_id: int, start: datetime | None, end: 
             if len(rows) < EXPORT_FETCH_ROWS:
                 return
     finally:
-        conn.exec_driver_sql("ROLLBACK")
-
-
-def _cell(value: str) -> str:
-    return "'" + value if value.startswith(FORMULA_STARTS) else value
-
-
-def _export_csv_rows(conn: Connection, acct_id: int, start: datetime | None, end: datetime | None,
-                     tz_name: str) -> Iterator[bytes]:
-    """The same, page by page through the statement query, formatted here."""
-    tz = ZoneInfo(tz_name)
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(CSV_COLUMNS)
-    after = None
-    while True:
-        lines = _lines(conn, acct_id, start, end, after, EXPORT_BATCH)
-        for line in lines:
-            writer.writerow([
-                line.time.astimezone(tz).strftime("%Y-%m-%d %H:%M:%S"),
-                _cell(counterparty_label(line.counterparty_account_id, line.counterparty_name)),
-                line.reference,
-                line.type.display_name,
-                _cell(line.description),
-                _dollars(line.amount_cents),
-                _dollars(line.balance_after_cents),
-            ])
-        yield buf.getvalue().encode()
-        buf.seek(0)
-        buf.truncate()
-        if len(lines) < EXPORT_BATCH:
-            return
-        after = (lines[-1].time, lines[-1].posting_id)
+        conn.rollback()

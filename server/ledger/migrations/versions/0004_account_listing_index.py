@@ -1,7 +1,7 @@
 """accounts listed by kind: an index on (kind, id)
 
-Revision ID: 0003_account_listing_index
-Revises: 0002_event_stream
+Revision ID: 0004_account_listing_index
+Revises: 0003_one_write_path
 
 ListBalances pages through accounts in (kind, id) order with a keyset; the primary key (id) alone
 makes every page sort the whole table. This index lets a page seek to where the last one ended.
@@ -9,8 +9,8 @@ makes every page sort the whole table. This index lets a page seek to where the 
 
 from alembic import op
 
-revision = '0003_account_listing_index'
-down_revision = '0002_event_stream'
+revision = '0004_account_listing_index'
+down_revision = '0003_one_write_path'
 branch_labels = None
 depends_on = None
 
