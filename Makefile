@@ -8,7 +8,7 @@ PROTO := protos/cobalt/payments/v1/payments.proto
 GEN := cobalt/payments/v1/payments_pb2.py
 BUF := node_modules/.bin/buf
 
-.PHONY: venv proto run run-local-stripe test test-fast lint bench bench-quick clean
+.PHONY: venv proto run run-local-stripe test test-fast lint bench bench-quick bench-scale clean
 
 venv: $(STAMP)
 
@@ -51,6 +51,10 @@ bench: venv
 
 bench-quick: venv
 	$(PY) -m bench.run --quick $(BENCH_ARGS)
+
+# the data-scale scenarios alone, with ten million lines of history (takes longer than `make bench`)
+bench-scale: venv
+	$(PY) -m bench.run --scale $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) cobalt node_modules var build *.egg-info

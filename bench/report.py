@@ -24,6 +24,7 @@ def table(results: dict) -> str:
         )
     lines.extend(cpu_table(rows))
     lines.extend(probe_table(rows))
+    lines.extend(scale_table(rows))
     lines.append("")
     for check in results.get("targets", []):
         lines.append(f"[{'met' if check['met'] else 'MISSED'}] {check['target']}: {check['value']}")
@@ -53,6 +54,29 @@ def probe_table(rows: dict) -> list[str]:
                    f"{p['over_20ms']:>11} {p['over_50ms']:>11}"),
         lambda first: (f"(one row committed every {first['interval_ms']} ms on a connection of its own while the "
                        "scenario ran; a commit that stalls holds every request in flight with it)"))
+
+
+def scale_table(rows: dict) -> list[str]:
+    """The data-scale scenarios beside the same work in bare SQL (`bench.scale`)."""
+    found = {name: row for name, row in rows.items() if name.startswith("data_") and not row.get("skipped")}
+    if not found:
+        return []
+    header = f"{'data scale vs bare SQL':<26} {'p50 ms':>9} {'SQL ms':>9} {'x SQL':>7}  detail"
+    lines = ["", header, "-" * len(header)]
+    for name, row in found.items():
+        if "lines_per_s" in row:
+            lines.append(f"{name:<26} {_ms(row['p50_ms']):>9} {'-':>9} {row['vs_sql']:>7.2f}  "
+                         f"{row['lines_per_s']:,} lines/s (COPY {row['sql_lines_per_s']:,}/s), "
+                         f"server RSS +{row['rss_growth_mb']} MB")
+            continue
+        sql = row.get("sql_ms")
+        detail = (f"worst page p50 {row['worst_page_p50_ms']} ms (page {row['worst_page']} of {row['pages']})"
+                  if "worst_page_p50_ms" in row else row.get("note", ""))
+        lines.append(f"{name:<26} {_ms(row['p50_ms']):>9} {_ms(sql) if sql else '-':>9} "
+                     f"{row.get('vs_sql', 0):>7.2f}  {detail}")
+    lines.append("(one call at a time; x SQL: the service's p50 over the same work in bare SQL — for the export, "
+                 "COPY's lines/s over the service's; bare settle books set-based in one statement, rolled back)")
+    return lines
 
 
 def _side_table(rows: dict, key: str, header: str, cells, footnote) -> list[str]:  # noqa: ANN001
@@ -113,10 +137,33 @@ def targets(rows: dict) -> list[dict]:
         p50 = get(name, "p50_ms")
         if p50 is not None:
             out.append({"target": f"{name} p50 <= 10 ms", "value": f"{p50} ms", "met": p50 <= 10})
+    out.extend(scale_targets(rows))
     for name, limit in (("delivery_one_process", 20), ("delivery_two_processes", 50)):
         p99 = get(name, "p99_ms")
         if p99 is not None:
             out.append({"target": f"{name} p99 <= {limit} ms", "value": f"{p99} ms", "met": p99 <= limit})
+    return out
+
+
+def scale_targets(rows: dict) -> list[dict]:
+    out: list[dict] = []
+    for name, row in rows.items():
+        if not name.startswith("data_") or row.get("skipped") or row.get("p50_ms") is None:
+            continue
+        p50 = row["p50_ms"]
+        if name.startswith("data_settle") and row.get("organisations") == 10_000:
+            out.append({"target": f"{name} <= 2 s", "value": f"{p50 / 1000:.2f} s", "met": p50 <= 2000})
+        elif name == "data_export":
+            out.append({"target": "data_export >= 100,000 lines/s", "value": f"{row['lines_per_s']:,} lines/s",
+                        "met": row["lines_per_s"] >= 100_000})
+            out.append({"target": "data_export server RSS growth <= 50 MB", "value": f"{row['rss_growth_mb']} MB",
+                        "met": row["rss_growth_mb"] <= 50})
+        elif name.startswith(("data_org_summary", "data_admin_summary")):
+            out.append({"target": f"{name} p50 <= 100 ms", "value": f"{p50} ms", "met": p50 <= 100})
+        elif name.startswith("data_list_balances"):
+            worst = row["worst_page_p50_ms"]
+            out.append({"target": f"{name} every page p50 <= 10 ms", "value": f"worst {worst} ms (page "
+                        f"{row['worst_page']} of {row['pages']})", "met": worst <= 10})
     return out
 
 
@@ -138,9 +185,18 @@ def draw_png(results: dict, stem: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = {k: v for k, v in results["scenarios"].items() if not v.get("skipped") and v.get("p50_ms") is not None}
+    every = {k: v for k, v in results["scenarios"].items() if not v.get("skipped") and v.get("p50_ms") is not None}
+    data = {k: v for k, v in every.items() if k.startswith("data_")}
+    rows = {k: v for k, v in every.items() if k not in data}
     names = list(rows)
-    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(names) + 2), 5))
+    panels = bool(rows) + bool(data)
+    fig, axes = plt.subplots(panels, 1, figsize=(max(8, 1.1 * max(len(names), len(data)) + 2), 5 * panels),
+                             squeeze=False)
+    if data:
+        _draw_scale(axes[-1][0], data, results)
+    if not rows:
+        return _save(fig, plt, stem)
+    ax = axes[0][0]
     width = 0.27
     for i, (key, label) in enumerate((("p50_ms", "p50"), ("p95_ms", "p95"), ("p99_ms", "p99"))):
         xs = [n + (i - 1) * width for n in range(len(names))]
@@ -155,9 +211,46 @@ def draw_png(results: dict, stem: str) -> Path:
     ax.axhline(10, color="grey", linestyle=":", linewidth=1)
     ax.set_title(f"Cobalt Payments latency percentiles per scenario ({results['mode']} run, {results['started_at']})")
     ax.legend()
+    return _save(fig, plt, stem)
+
+
+def _save(fig, plt, stem: str) -> Path:  # noqa: ANN001
     fig.tight_layout()
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{stem}.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+_SCALE_TARGET_MS = (("data_settle", 2000), ("data_org_summary", 100), ("data_admin_summary", 100),
+                    ("data_list_balances", 10))
+
+
+def _draw_scale(ax, data: dict, results: dict) -> None:  # noqa: ANN001
+    """The data-scale scenarios: the service's p50 beside bare SQL's, and each target."""
+    names = list(data)
+    width = 0.38
+    xs = range(len(names))
+    service = [max(data[n].get("worst_page_p50_ms", data[n]["p50_ms"]), 0.01) for n in names]
+    sql = [max(data[n].get("sql_ms") or 0, 0.01) if "lines_per_s" not in data[n] else
+           max(data[n]["p50_ms"] / data[n]["vs_sql"], 0.01) for n in names]
+    ax.bar([x - width / 2 for x in xs], service, width, label="service p50 (list: worst page)")
+    ax.bar([x + width / 2 for x in xs], sql, width, label="bare SQL (export: COPY)")
+    for x, name in zip(xs, names, strict=True):
+        limit = next((ms for prefix, ms in _SCALE_TARGET_MS if name.startswith(prefix)), None)
+        if name.startswith("data_settle") and data[name].get("organisations") != 10_000:
+            limit = None
+        if limit is not None:
+            ax.hlines(limit, x - 0.45, x + 0.45, colors="red", linestyles="--", linewidth=1)
+    ax.set_yscale("log")
+    ax.set_ylabel("ms (log scale); red dashes: target")
+    ax.set_xticks(list(xs))
+    labels = []
+    for n in names:
+        extra = f"{data[n]['lines_per_s']:,} lines/s, RSS +{data[n]['rss_growth_mb']} MB" if "lines_per_s" in data[n] \
+            else f"x SQL {data[n].get('vs_sql', '-')}"
+        labels.append(f"{n}\n{extra}")
+    ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
+    ax.set_title(f"Data scale: administrators' work as the books grow ({results['mode']} run)")
+    ax.legend()

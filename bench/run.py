@@ -12,11 +12,12 @@ import os
 import platform
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
-from bench import cpu, floor, load, report
+from bench import cpu, floor, load, report, scale
 from bench.database import BenchDatabase, CommitProbe, Seed
+from bench.scale_seed import ScaleSeed, seed_scale
 from server.domain.types import member_account
 from server.services.statements import _encode_token
 
@@ -42,14 +43,23 @@ class Plan:
     subscribers: int
     delivery_rate_per_s: float
     delivery_s: float
+    scale: ScaleSeed  # the data-scale scenarios' seed (bench.scale_seed)
+    scale_repeat: int  # calls per data-scale read scenario
+    list_walks: int  # walks through every ListBalances page
 
 
 FULL = Plan("full", Seed(members=10_000, organisations=100, statement_postings=1_000_000), floor_threads=16,
             in_flight=64, floor_s=12, probe_s=5, pay_s=15, other_s=10, read_s=6, warmup_s=2, deep_depth=500_000,
-            subscribers=100, delivery_rate_per_s=20, delivery_s=8)
+            subscribers=100, delivery_rate_per_s=20, delivery_s=8,
+            scale=ScaleSeed(accounts=100_000, settle_small=1_000, settle_large=10_000, summary_postings=1_000_000),
+            scale_repeat=15, list_walks=3)
 QUICK = Plan("quick", Seed(members=1_000, organisations=100, statement_postings=20_000), floor_threads=4,
              in_flight=8, floor_s=1, probe_s=0.3, pay_s=1.5, other_s=1, read_s=0.5, warmup_s=0.3, deep_depth=10_000,
-             subscribers=10, delivery_rate_per_s=10, delivery_s=1)
+             subscribers=10, delivery_rate_per_s=10, delivery_s=1,
+             scale=ScaleSeed(accounts=3_000, settle_small=100, settle_large=300, summary_postings=20_000),
+             scale_repeat=3, list_walks=1)
+# `make bench-scale`: the data-scale scenarios alone, on a long history of ten million lines
+SCALE = replace(FULL, mode="scale", scale=replace(FULL.scale, summary_postings=10_000_000))
 
 
 def machine() -> dict:
@@ -66,6 +76,8 @@ def machine() -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
+    parser.add_argument("--scale", action="store_true",
+                        help="the data-scale scenarios alone, with ten million lines of history (longer)")
     parser.add_argument("--servers", type=int, default=1, help="server processes sharing the load (default 1)")
     parser.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
                         help="extra environment for the server processes, e.g. PAYMENTS_DB_THREADS=8")
@@ -75,10 +87,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="record the server with py-spy during the Pay scenarios: <stem>-<scenario>.svg flame graphs "
                              "of where the server's Python holds the interpreter lock")
     args = parser.parse_args(argv)
-    plan = QUICK if args.quick else FULL
+    plan = QUICK if args.quick else SCALE if args.scale else FULL
     base_url = os.environ.get("PAYMENTS_BENCH_POSTGRES_URL", DEFAULT_URL)
     server_env = dict(item.split("=", 1) for item in args.server_env)
-    only = [p for p in args.only.split(",") if p]
+    only = [p for p in args.only.split(",") if p] or (["data_"] if args.scale else [])
     started_at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     stem = args.out or f"bench-{plan.mode}-{started_at.replace(':', '')}"
     results: dict = {"mode": plan.mode, "started_at": started_at, "machine": machine(), "servers": args.servers,
@@ -95,6 +107,13 @@ def main(argv: list[str] | None = None) -> int:
               f"{plan.seed.statement_postings} statement postings ...", flush=True)
         results["seed_s"] = round(db.seed(plan.seed), 1)
         print(f"seeded in {results['seed_s']} s", flush=True)
+        if not only or any(p.startswith("data") for p in only):
+            s = plan.scale
+            print(f"seeding the data scale: {s.accounts:,} accounts, {s.settle_small + s.settle_large:,} organisations "
+                  f"to settle, one with {s.summary_postings:,} lines ...", flush=True)
+            results["scale_seed"] = seed_scale(db, s)
+            results["scale_seed"]["invariants"] = db.check_invariants("the data-scale seed", full=True)
+            print(f"seeded: {results['scale_seed']}", flush=True)
         results["checkpoint_before_each_scenario"] = db.checkpoint()
         results["commit_probe"] = {"before": probe(db, plan, "before the scenarios")}
         run_scenarios(plan, db, results, servers, args.servers, server_env, only, stem if args.profile else "")
@@ -139,8 +158,11 @@ def run_scenarios(plan: Plan, db: BenchDatabase, results: dict, servers: list, n
         return not only or any(name.startswith(p) for p in only)
 
     def record(name: str, samples, *, throughput: bool = True, note: str = "",  # noqa: ANN001
-               cpu_split: dict | None = None) -> None:
+               cpu_split: dict | None = None, extra: dict | None = None) -> None:
         row = samples.summary()
+        row.update(extra or {})
+        if row.get("sql_ms") and row.get("p50_ms") is not None and "vs_sql" not in row:
+            row["vs_sql"] = round(row["p50_ms"] / row["sql_ms"], 2)
         if probed[0]:
             row["commit_probe"], probed[0] = probed[0], {}
         if cpu_split is not None:
@@ -262,6 +284,11 @@ def run_scenarios(plan: Plan, db: BenchDatabase, results: dict, servers: list, n
     # 5. commit -> Subscribe delivery
     if wanted("delivery"):
         run_delivery(plan, db, results, servers, server_env, record, probed)
+    # 6. administrators' work as the books grow
+    if any(wanted(f"data_{name}") for name in ("settle", "export", "org_summary", "admin_summary", "list_balances")):
+        db.checkpoint()
+        scale.run(db, servers[0], plan.scale, stmt_member, plan.seed.statement_postings, record, wanted,
+                  plan.scale_repeat, plan.list_walks)
 
 
 def newest_sequence(db: BenchDatabase) -> int:

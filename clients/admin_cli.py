@@ -3,7 +3,7 @@
     payments-admin balance --org 7
     payments-admin statement --org 7 --from 2026-11-01 --csv club7-november.csv
     payments-admin adjust --member 42 -12.50 --description "duplicate entry fee"
-    payments-admin settle --bank-csv settlement.csv
+    payments-admin settle --bank-csv settlement.csv --aba settlement.aba
     payments-admin summary | balances | organisations list | fees show
 
 The token comes from --token-file, else PAYMENTS_TOKEN, else ~/.config/cobalt-payments/token
@@ -360,13 +360,19 @@ def settlement_table(res: pb.SettleResponse, title: str) -> Table:
     table.add_column("Fee", footer=format_cents(res.total_fee_cents), **money)
     table.add_column("GST", footer=format_cents(res.total_gst_cents), **money)
     table.add_column("Net", footer=format_cents(res.total_net_cents), **money)
+    problems = any(r.bank_details_problem for r in res.rows)
+    if problems:
+        table.add_column("Bank details", overflow="fold")
     for r in res.rows:
         gross = format_cents(r.gross_cents)
         if r.balance_changed:
             gross = f"[yellow]{gross}*[/]"
-        table.add_row(str(r.organisation_id), r.name, r.bsb or "[red]none[/]", r.account_number or "[red]none[/]",
-                      format_cents(r.minimum_balance_cents), gross, format_bp(r.fee_bp), format_cents(r.fee_cents),
-                      format_cents(r.gst_cents), format_cents(r.net_cents))
+        cells = [str(r.organisation_id), r.name, r.bsb or "[red]none[/]", r.account_number or "[red]none[/]",
+                 format_cents(r.minimum_balance_cents), gross, format_bp(r.fee_bp), format_cents(r.fee_cents),
+                 format_cents(r.gst_cents), format_cents(r.net_cents)]
+        if problems:
+            cells.append(f"[red]{escape(r.bank_details_problem)}[/]" if r.bank_details_problem else "ok")
+        table.add_row(*cells)
     return table
 
 
@@ -379,12 +385,25 @@ def write_bank_csv(res: pb.SettleResponse, dest: str) -> None:
     writer = csv.writer(buf)
     writer.writerow(BANK_CSV_COLUMNS)
     for r in res.rows:
-        writer.writerow([r.bsb, r.account_number, r.name, plain_dollars(r.net_cents), r.reference, r.organisation_id,
+        # a name a spreadsheet would run as a formula gets a leading apostrophe (SPEC §4)
+        name = "'" + r.name if r.name.startswith(("=", "+", "-", "@", "\t", "\r")) else r.name
+        writer.writerow([r.bsb, r.account_number, name, plain_dollars(r.net_cents), r.reference, r.organisation_id,
                          res.batch_id])
     path = Path(dest)
     tmp = path.with_name(f".{path.name}.part")
     tmp.write_text(buf.getvalue())
     os.replace(tmp, path)
+
+
+def write_file(dest: str, data: bytes) -> None:
+    """`data` to `dest`, appearing whole or not at all."""
+    path = Path(dest)
+    tmp = path.with_name(f".{path.name}.part")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _settle_for_real(client: PaymentsClient, dry: pb.SettleResponse, key: str) -> pb.SettleResponse:
@@ -403,10 +422,10 @@ def _settle_for_real(client: PaymentsClient, dry: pb.SettleResponse, key: str) -
 
 
 def cmd_settle(client: PaymentsClient, args: argparse.Namespace) -> int:
-    if args.bank_csv and args.dry_run:
-        raise CliError("--bank-csv writes the payments of a real settlement; drop --dry-run", EXIT_USAGE)
+    if (args.bank_csv or args.aba) and args.dry_run:
+        raise CliError("--bank-csv and --aba write the payments of a real settlement; drop --dry-run", EXIT_USAGE)
     with err.status("working out the settlement…"):
-        dry = client.settle(args.organisation_ids, dry_run=True)
+        dry = client.settle(args.organisation_ids, dry_run=True, timeout_s=max(client.timeout_s, SETTLE_TIMEOUT_S))
     if dry.skipped_organisation_ids:
         err.print("not eligible (at or below their minimum balance): "
                   + ", ".join(str(i) for i in dry.skipped_organisation_ids))
@@ -422,18 +441,29 @@ def cmd_settle(client: PaymentsClient, args: argparse.Namespace) -> int:
     # with --json, stdout carries only JSON: the table to confirm goes to stderr
     (err if args.json else out).print(
         settlement_table(dry, f"Settlement (dry run) at default fee {format_bp(dry.default_fee_bp)}"))
-    missing = [r.organisation_id for r in dry.rows if not (r.bsb and r.account_number)]
-    if missing:
-        err.print("[yellow]warning:[/] no bank details for organisation(s) " + ", ".join(map(str, missing)))
+    unpayable = [r for r in dry.rows if r.bank_details_problem]
+    for r in unpayable:
+        err.print(f"[red]cannot be paid:[/] organisation {r.organisation_id} ({escape(r.name)}): "
+                  f"{escape(r.bank_details_problem)}")
     if args.dry_run:
         return EXIT_OK
+    if unpayable:
+        raise CliError(f"{len(unpayable)} organisation(s) have missing or invalid bank details: correct them "
+                       "(payments-admin organisations upsert ID --bsb ... --account-number ...) or leave them out; "
+                       "nothing was settled")
+    if args.aba and not dry.aba_available:
+        raise CliError("the server makes no ABA file (its PAYMENTS_ABA_* settings are not set); nothing was settled")
     confirm(f"Settle {len(dry.rows)} organisation(s): {format_cents(dry.total_gross_cents)} gross, "
             f"{format_cents(dry.total_net_cents)} to pay out?", args.yes)
     key = args.key or new_idempotency_key()
-    with err.status(f"settling {len(dry.rows)} organisation(s)…"):
+    started = time.monotonic()
+    with err.status(f"settling {len(dry.rows):,} organisation(s)…"):
         res = _settle_for_real(client, dry, key)
+    err.print(f"settled {len(res.rows):,} organisation(s) in {time.monotonic() - started:.1f} s")
     if args.bank_csv and res.rows:
         write_bank_csv(res, args.bank_csv)
+    if args.aba and res.rows:
+        write_file(args.aba, res.aba_file)
     if args.json:
         out.print_json(as_json(res))
     else:
@@ -450,6 +480,9 @@ def cmd_settle(client: PaymentsClient, args: argparse.Namespace) -> int:
                   + ", ".join(str(i) for i in res.skipped_organisation_ids))
     if args.bank_csv and res.rows:
         err.print(f"wrote the bank file {args.bank_csv}: {len(res.rows)} payments, {format_cents(res.total_net_cents)}")
+    if args.aba and res.rows:
+        err.print(f"wrote the ABA file {args.aba}: {len(res.rows)} credits and the balancing debit, "
+                  f"{format_cents(res.total_net_cents)}")
     return EXIT_OK
 
 
@@ -717,6 +750,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="show the table only")
     p.add_argument("--yes", "-y", action="store_true", help="do not ask (for scripts)")
     p.add_argument("--bank-csv", metavar="FILE", help="write the payments to make to FILE")
+    p.add_argument("--aba", metavar="FILE", help="write the ABA (Direct Entry) file for the bank to FILE")
     p.add_argument("--key", help="idempotency key of the real run")
     p.set_defaults(run=cmd_settle)
 

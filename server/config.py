@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from server.domain.aba import Originator
+
 
 def _int(name: str, default: int) -> int:
     raw = os.environ.get(name)
@@ -50,6 +52,7 @@ class Settings:
     event_loop: str = "uvloop"  # or "asyncio" (the standard library's loop)
     grpc_accept_ahead: int = 8  # requests for a method's next call kept open beyond grpc.aio's one (0: off)
     extra: dict = field(default_factory=dict)
+    aba: Originator | None = None  # the federation as sender of settlement bank files (see aba_from_env)
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -71,4 +74,35 @@ class Settings:
             lock_timeout_ms=_int_in("PAYMENTS_LOCK_TIMEOUT_MS", 2_000, 1, 600_000),
             event_loop=_choice("PAYMENTS_EVENT_LOOP", ("uvloop", "asyncio")),
             grpc_accept_ahead=_int_in("PAYMENTS_GRPC_ACCEPT_AHEAD", 8, 0, 64),
+            aba=aba_from_env(),
         )
+
+
+# ---------------------------------------------------------------- settlement bank files (ABA)
+# The federation's Direct Entry details, for the ABA file of every real settlement. Unset
+# (PAYMENTS_ABA_USER_ID empty): settlements carry no ABA file. Set: every one must be valid.
+ABA_ENV = {
+    "user_id": "PAYMENTS_ABA_USER_ID",  # APCA Direct Entry user id, six digits
+    "bank": "PAYMENTS_ABA_BANK",  # the federation's bank, three-letter mnemonic (CBA, WBC, NAB, ANZ, ...)
+    "user_name": "PAYMENTS_ABA_USER_NAME",  # name of the user as the bank knows it (26 characters kept)
+    "bsb": "PAYMENTS_ABA_BSB",  # the federation's account debited for the file's total: ddd-ddd
+    "account_number": "PAYMENTS_ABA_ACCOUNT_NUMBER",  # up to 9 digits
+    "account_name": "PAYMENTS_ABA_ACCOUNT_NAME",  # its title (32 characters kept)
+    "description": "PAYMENTS_ABA_DESCRIPTION",  # entries' description (12 kept), default SETTLEMENT
+    "remitter": "PAYMENTS_ABA_REMITTER",  # remitter on the clubs' statements (16 kept), default the user name
+}
+
+
+def aba_from_env() -> Originator | None:
+    env = {key: (os.environ.get(name) or "").strip() for key, name in ABA_ENV.items()}
+    if not env["user_id"]:
+        return None
+    originator = Originator(
+        user_id=env["user_id"], bank=env["bank"].upper(), user_name=env["user_name"], bsb=env["bsb"],
+        account_number=env["account_number"], account_name=env["account_name"] or env["user_name"],
+        description=env["description"] or "SETTLEMENT", remitter=env["remitter"],
+    )
+    problems = originator.problems()
+    if problems:  # a bank file with wrong sender details would be refused by the bank, after the money moved
+        raise SystemExit("PAYMENTS_ABA_* settings: " + "; ".join(problems))
+    return originator

@@ -221,3 +221,23 @@ def test_organisation_summary(server, app, admin):
     future = utcnow() + timedelta(days=1)
     empty = admin.organisation_summary(7, start=future, end=future + timedelta(days=1))
     assert list(empty.totals) == [] and empty.opening_balance_cents == empty.closing_balance_cents == 0
+
+
+def test_list_balances_later_pages_keep_the_first_pages_totals(server, admin, app):
+    for member_id in range(1, 8):
+        admin.adjust(member_id * 100, "credit", member_id=member_id)
+    first = admin.list_balances(pb.MEMBER, page_size=3)
+    assert (first.count, first.total_cents) == (7, 2_800)
+    admin.adjust(5_000, "credit", member_id=99)  # arrives while the listing is paged through
+    second = admin.list_balances(pb.MEMBER, page_size=3, page_token=first.next_page_token)
+    assert (second.count, second.total_cents) == (7, 2_800)  # as the first page found them
+    third = admin.list_balances(pb.MEMBER, page_size=3, page_token=second.next_page_token)
+    assert [r.id for r in [*first.rows, *second.rows, *third.rows]] == [1, 2, 3, 4, 5, 6, 7, 99]
+    assert admin.list_balances(pb.MEMBER).count == 8
+    # a bare id (a token of before) still pages, adding the totals up afresh
+    bare = admin.list_balances(pb.MEMBER, page_size=3, page_token=first.next_page_token.split(".")[0])
+    assert [r.id for r in bare.rows] == [4, 5, 6] and bare.count == 8
+    for bad in ("1.2", "--5", "1.2.x", "1..2", "9" * 25):
+        with pytest.raises(grpc.RpcError) as exc:
+            admin.list_balances(page_token=bad)
+        assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT, bad

@@ -37,7 +37,7 @@ def _fee_settings_pb(s: fees.FeeSettings) -> pb.FeeSettings:
     )
 
 
-def _settle_response(result: settle.SettleResult) -> pb.SettleResponse:
+def _settle_response(result: settle.SettleResult, aba_available: bool) -> pb.SettleResponse:
     return pb.SettleResponse(
         batch_id=result.batch_id,
         dry_run=result.dry_run,
@@ -49,6 +49,8 @@ def _settle_response(result: settle.SettleResult) -> pb.SettleResponse:
         skipped_organisation_ids=result.skipped_organisation_ids,
         fee_settings_version=result.fee_settings.version,
         default_fee_bp=result.fee_settings.settlement_fee_bp,
+        aba_file=result.aba_file,
+        aba_available=aba_available,
     )
 
 
@@ -65,12 +67,20 @@ class AdminApi(ApiBase):
             dry_run=request.dry_run,
             expected_balances=expected,
         ).validated()
+        originator, tz = self.settings.aba, self.settings.timezone
+
+        def work(conn):  # noqa: ANN001, ANN202
+            return settle.settle(conn, cmd, originator, tz)
+
+        def to_pb(result: settle.SettleResult) -> pb.SettleResponse:
+            return _settle_response(result, originator is not None)
+
         if cmd.dry_run:
             # books nothing and records nothing: the key, if given, is only checked for shape
             if request.idempotency_key:
                 idempotency.check_key(request.idempotency_key)
-            return _settle_response(await self.read(lambda conn: settle.settle(conn, cmd)))
-        return await self.mutate(context, "Settle", request, lambda conn: settle.settle(conn, cmd), _settle_response)
+            return to_pb(await self.read(work))
+        return await self.mutate(context, "Settle", request, work, to_pb)
 
     async def SetFeeSettings(self, request: pb.SetFeeSettingsRequest, context) -> pb.FeeSettings:  # noqa: ANN001, N802
         changes = {name: getattr(request, name) for name in _FEE_FIELDS if request.HasField(name)}

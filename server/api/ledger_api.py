@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -157,15 +158,32 @@ class LedgerApi(ApiBase):
         # One read transaction, so the export is one consistent snapshot; chunks are pulled
         # from the pool thread one at a time.
         conn = await self.in_thread(self.db.read_connection)
+        chunks = None
+        # a cancelled call may leave a pull running in its thread: the close waits for it, then
+        # ends the export's cursor and transaction before the connection goes back
+        in_use = threading.Lock()
+
+        def pull() -> bytes | None:
+            with in_use:
+                return next(chunks, None)
+
+        def finish() -> None:
+            with in_use:
+                try:
+                    if chunks is not None:
+                        chunks.close()
+                finally:
+                    conn.close()
+
         try:
             chunks = statements.export_csv(conn, acct, start, end, tz)
             while True:
-                chunk = await self.in_thread(lambda: next(chunks, None))
+                chunk = await self.in_thread(pull)
                 if chunk is None:
                     return
                 yield pb.CsvChunk(data=chunk)
         finally:
-            await self.in_thread(conn.close)
+            await self.in_thread(finish)
 
     # ---------------------------------------------------------------- transfers and adjustments
     def transfer_command(self, request: pb.TransferRequest) -> transfer.TransferCommand:

@@ -42,6 +42,7 @@ accounts = Table(
     Column("balance_cents", BigInteger, nullable=False, server_default="0"),
     Column("last_movement_at", DateTime(timezone=True)),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    Index("ix_accounts_kind_id", "kind", "id"),  # ListBalances' keyset (migration 0004)
 )
 
 organisations = Table(

@@ -17,8 +17,9 @@ from server.ledger.db import as_utc, utcnow
 from server.ledger.ledger import ensure_account
 from server.ledger.schema import accounts, member_cards, organisations
 
-_BSB = re.compile(r"^\d{3}-?\d{3}$")
-_ACCOUNT_NUMBER = re.compile(r"^\d{4,10}$")
+# ASCII digits only (`\d` takes any script's), and what an ABA bank file can carry (server.domain.aba)
+_BSB = re.compile(r"[0-9]{3}-?[0-9]{3}")
+_ACCOUNT_NUMBER = re.compile(r"[0-9]{4,9}")
 
 
 @dataclass(frozen=True)
@@ -72,13 +73,13 @@ def upsert_organisation(
     validation.positive_id("organisation_id", organisation_id)
     name = validation.bounded_text("name", name, MAX_NAME_CHARS, required=True)
     bsb = bsb.strip()
-    if bsb and not _BSB.match(bsb):
+    if bsb and not _BSB.fullmatch(bsb):
         raise InvalidArgument.field("bsb", "must be six digits, as 123-456")
     if bsb and "-" not in bsb:
         bsb = f"{bsb[:3]}-{bsb[3:]}"
     account_number = account_number.strip().replace(" ", "")
-    if account_number and not _ACCOUNT_NUMBER.match(account_number):
-        raise InvalidArgument.field("account_number", "must be 4 to 10 digits")
+    if account_number and not _ACCOUNT_NUMBER.fullmatch(account_number):
+        raise InvalidArgument.field("account_number", "must be 4 to 9 digits")
     if not 0 <= minimum_balance_cents <= MAX_AMOUNT_CENTS:
         raise InvalidArgument.field("minimum_balance_cents", "must be between 0 and the amount limit")
     if settlement_fee_bp is not None and not 0 <= settlement_fee_bp <= MAX_FEE_BP:

@@ -12,6 +12,11 @@ the ledger's lock order) and computes every row from the balances read under tha
 arriving concurrently is either settled in this batch or left on the balance — never lost, never
 settled twice. When the caller passes the balances its dry run showed, a row whose balance differs
 at booking is settled on the balance now and marked `balance_changed`.
+
+Clubs are paid by the bank from a file: a club whose bank details cannot go into one (no BSB, a BSB
+not ddd-ddd, an account number not 1-9 digits) is refused by name before anything is booked, and a
+dry run marks it (`bank_details_problem`). Where the federation's Direct Entry details are set, a
+real run also answers the ABA file paying every club (server.domain.aba).
 """
 
 from __future__ import annotations
@@ -19,10 +24,12 @@ from __future__ import annotations
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from zoneinfo import ZoneInfo
 
 from sqlalchemy import Connection, insert, select
 
-from server.domain.errors import DomainError, InvalidArgument, NotFound
+from server.domain import aba
+from server.domain.errors import DomainError, FailedPrecondition, InvalidArgument, NotFound
 from server.domain.money import settlement_for
 from server.domain.types import AccountKind, EventKind, PostingType, SystemAccount, organisation_account, system_account
 from server.events.outbox import NewEvent, emit
@@ -31,6 +38,7 @@ from server.ledger.schema import accounts, organisations, settlements
 from server.services.fees import FeeSettings, current_fee_settings
 
 MAX_ORGANISATIONS_PER_REQUEST = 10_000
+MAX_NAMED_IN_A_REFUSAL = 20
 
 # types.account_id(ORGANISATION, organisation_id) as SQL, so the join uses the accounts primary key
 _ORGANISATION_ACCOUNT_ID = organisations.c.organisation_id * 4 + int(AccountKind.ORGANISATION)
@@ -76,6 +84,7 @@ class SettlementRow:
     reference: str = ""
     balance_changed: bool = False
     expected_balance_cents: int = 0
+    bank_details_problem: str = ""  # why the bank cannot pay this club ("" when it can)
 
 
 @dataclass
@@ -85,6 +94,7 @@ class SettleResult:
     rows: list[SettlementRow]
     skipped_organisation_ids: list[int]
     fee_settings: FeeSettings
+    aba_file: bytes = b""  # a real run's bank file, where the federation's Direct Entry details are set
 
     @property
     def total_gross_cents(self) -> int:
@@ -133,8 +143,10 @@ def _candidates(conn: Connection, organisation_ids: Sequence[int], lock: bool): 
     return list(conn.execute(query))
 
 
-def settle(conn: Connection, cmd: SettleCommand) -> SettleResult:
-    """The settlement table, and for a real run the bookings, all in the caller's transaction."""
+def settle(conn: Connection, cmd: SettleCommand, originator: aba.Originator | None = None,
+           tz_name: str = "Australia/Sydney") -> SettleResult:
+    """The settlement table, and for a real run the bookings (and, given `originator`, the ABA
+    file dated in `tz_name`), all in the caller's transaction."""
     fees = current_fee_settings(conn)
     found = _candidates(conn, cmd.organisation_ids, lock=not cmd.dry_run)
     missing = sorted(set(cmd.organisation_ids) - {r.organisation_id for r in found})
@@ -166,12 +178,14 @@ def settle(conn: Connection, cmd: SettleCommand) -> SettleResult:
             net_cents=due.net_cents,
             balance_changed=expected is not None and expected != org.balance_cents,
             expected_balance_cents=expected or 0,
+            bank_details_problem=aba.bank_details_problem(org.bsb, org.account_number),
         )
         rows.append(row)
     if cmd.dry_run:
         return SettleResult(batch_id, True, rows, skipped, fees)
     if not rows:
         return SettleResult("", False, rows, skipped, fees)  # nothing was settled: no batch
+    _refuse_unpayable(rows, originator is not None)
     # every organisation's transaction through the one write path at once (set-based)
     booked_all = post(conn, [_transaction(cmd.principal, batch_id, row) for row in rows])
     for outcome in booked_all:
@@ -185,7 +199,40 @@ def settle(conn: Connection, cmd: SettleCommand) -> SettleResult:
     conn.execute(insert(settlements), [_settlement_record(batch_id, fees, row, booked) for row, booked in done])
     emit(conn, *(_settlement_event(batch_id, row, booked) for row, booked in done))
     rows = [replace(row, reference=booked.reference) for row, booked in done]
-    return SettleResult(batch_id, False, rows, skipped, fees)
+    aba_file = b""
+    if originator is not None:
+        process_date = done[0][1].created_at.astimezone(ZoneInfo(tz_name)).date()
+        aba_file = aba.settlement_file(originator, [_payment(row) for row in rows], process_date,
+                                       debit_reference(batch_id))
+    return SettleResult(batch_id, False, rows, skipped, fees, aba_file)
+
+
+def _refuse_unpayable(rows: list[SettlementRow], with_bank_file: bool) -> None:
+    """Refuse the whole batch, naming each club the bank could not pay, before anything is booked."""
+    problems = [f"organisation {row.organisation_id} ({row.name}): {row.bank_details_problem}"
+                for row in rows if row.bank_details_problem]
+    if with_bank_file:
+        problems += [f"organisation {row.organisation_id} ({row.name}): net {row.net_cents} cents is more than an "
+                     "ABA file's amount can hold" for row in rows if row.net_cents > aba.MAX_AMOUNT_CENTS]
+    if problems:
+        shown = "; ".join(problems[:MAX_NAMED_IN_A_REFUSAL])
+        more = f"; and {len(problems) - MAX_NAMED_IN_A_REFUSAL} more" if len(problems) > MAX_NAMED_IN_A_REFUSAL else ""
+        raise FailedPrecondition(f"nothing settled: the bank cannot pay {shown}{more}. Correct the bank details "
+                                 "(UpsertOrganisation) or leave these organisations out of the settlement")
+    if with_bank_file:
+        total_problem = aba.check_totals(sum(row.net_cents for row in rows), 0)
+        if total_problem:
+            raise FailedPrecondition(f"nothing settled: {total_problem}")
+
+
+def debit_reference(batch_id: str) -> str:
+    """The lodgement reference of the federation's balancing debit: the batch, in 18 characters."""
+    return f"STL {batch_id.removeprefix('stl_')[:14].upper()}"
+
+
+def _payment(row: SettlementRow) -> aba.Payment:
+    return aba.Payment(bsb=row.bsb, account_number=row.account_number, account_name=row.name,
+                       amount_cents=row.net_cents, lodgement_reference=row.reference)
 
 
 def _transaction(principal: str, batch_id: str, row: SettlementRow) -> NewTransaction:

@@ -9,20 +9,20 @@ import io
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
-from zoneinfo import ZoneInfo
 
-from sqlalchemy import Connection, bindparam, select, tuple_
+from sqlalchemy import Connection, bindparam, select, text, tuple_
 from sqlalchemy.orm import aliased
 
 from server.domain.errors import InvalidArgument
-from server.domain.types import AccountKind, PostingType, SystemAccount, split_account_id
+from server.domain.types import DISPLAY_NAMES, AccountKind, PostingType, SystemAccount
 from server.ledger.db import as_utc
 from server.ledger.schema import accounts, postings
 from server.services.accounts import require_account
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
-EXPORT_BATCH = 1000
+EXPORT_CHUNK_BYTES = 64 * 1024  # what one CsvChunk carries, about
+EXPORT_FETCH_ROWS = 2000  # rows the server-side cursor hands over at a time
 
 
 @dataclass(frozen=True)
@@ -85,16 +85,6 @@ def _balance_before(conn: Connection, acct_id: int, when: datetime | None) -> in
 def balance_at(conn: Connection, acct_id: int, when: datetime | None) -> int:
     """The balance at `when` (the latest, when None): after the last posting strictly before it."""
     return _balance_before(conn, acct_id, when)
-
-
-def counterparty_label(acct_id: int | None, name: str) -> str:
-    if acct_id is None:
-        return ""
-    kind, ext = split_account_id(acct_id)
-    if kind == AccountKind.SYSTEM:
-        return name or SystemAccount(ext).code
-    prefix = "member" if kind == AccountKind.MEMBER else "organisation"
-    return f"{name} ({prefix} {ext})" if name else f"{prefix} {ext}"
 
 
 @functools.cache
@@ -179,36 +169,91 @@ def get_statement(conn: Connection, acct_id: int, start: datetime | None, end: d
 CSV_COLUMNS = ["Date", "Counterparty", "Reference", "Type", "Description", "Amount", "Balance"]
 
 
-def _dollars(cents: int) -> str:
-    sign = "-" if cents < 0 else ""
-    return f"{sign}{abs(cents) // 100}.{abs(cents) % 100:02d}"
-
-
 def export_csv(conn: Connection, acct_id: int, start: datetime | None, end: datetime | None,
                tz_name: str) -> Iterator[bytes]:
-    """The whole statement as CSV, newest first, in chunks; dates in the configured time zone."""
+    """The whole statement as CSV, newest first, in chunks of about EXPORT_CHUNK_BYTES; dates in
+    the configured time zone. One server-side cursor reads it (one snapshot, memory bounded by
+    one fetch) and the database formats each line."""
     _check_range(start, end)
+    # the first statement of the connection's transaction: the export is one snapshot
+    conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
     require_account(conn, acct_id)
-    tz = ZoneInfo(tz_name)
+    return _export_csv_pg(conn, acct_id, start, end, tz_name)
+
+
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _sql_literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _sql_cell(expr: str) -> str:
+    """A text cell as a CSV field, always quoted; a cell a spreadsheet would run as a formula gets
+    a leading apostrophe (SPEC §4)."""
+    starts = ", ".join(f"chr({ord(ch)})" for ch in FORMULA_STARTS)
+    quote = "chr(34)"
+    return (f"{quote} || CASE WHEN left({expr}, 1) IN ({starts}) THEN chr(39) ELSE '' END "
+            f"|| replace({expr}, {quote}, {quote} || {quote}) || {quote}")
+
+
+def _sql_dollars(expr: str) -> str:
+    return (f"CASE WHEN {expr} < 0 THEN '-' ELSE '' END || (abs({expr}) / 100)::text || '.' "
+            f"|| lpad((abs({expr}) % 100)::text, 2, '0')")
+
+
+def _export_sql() -> str:
+    """One CSV line per posting, built by the database: the columns of CSV_COLUMNS."""
+    system_codes = " ".join(f"WHEN {int(acct)} THEN {_sql_literal(acct.code)}" for acct in SystemAccount)
+    types = " ".join(f"WHEN {_sql_literal(t.value)} THEN {_sql_literal(name)}" for t, name in DISPLAY_NAMES.items())
+    cp, name = "p.counterparty_account_id", "COALESCE(o.name, '')"
+    member, system = int(AccountKind.MEMBER), int(AccountKind.SYSTEM)
+    counterparty = (  # counterparty_label, in SQL
+        f"CASE WHEN {cp} IS NULL THEN '' "
+        f"WHEN {cp} % 4 = {system} THEN COALESCE(NULLIF({name}, ''), CASE {cp} / 4 {system_codes} END, '') "
+        f"WHEN {name} <> '' THEN {name} || CASE {cp} % 4 WHEN {member} THEN ' (member ' ELSE ' (organisation ' END "
+        f"|| ({cp} / 4)::text || ')' "
+        f"ELSE CASE {cp} % 4 WHEN {member} THEN 'member ' ELSE 'organisation ' END || ({cp} / 4)::text END"
+    )
+    line = " || ',' || ".join([
+        "to_char(p.created_at AT TIME ZONE :tz, 'YYYY-MM-DD HH24:MI:SS')",
+        _sql_cell(counterparty),
+        _sql_cell("p.reference"),
+        _sql_cell(f"CASE p.type {types} ELSE p.type END"),
+        _sql_cell("p.description"),
+        _sql_dollars("p.amount_cents"),
+        _sql_dollars("p.balance_after_cents"),
+    ])
+    return (f"SELECT {line} FROM postings p LEFT JOIN accounts o ON o.id = p.counterparty_account_id "
+            "WHERE p.account_id = :acct_id AND (CAST(:start AS timestamptz) IS NULL OR p.created_at >= :start) "
+            "AND (CAST(:end AS timestamptz) IS NULL OR p.created_at < :end) ORDER BY p.created_at DESC, p.id DESC")
+
+
+_DECLARE_EXPORT = text("DECLARE statement_export NO SCROLL CURSOR FOR " + _export_sql())
+_FETCH_EXPORT = f"FETCH {EXPORT_FETCH_ROWS} FROM statement_export"
+
+
+def _csv_header() -> str:
     buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(CSV_COLUMNS)
-    after = None
-    while True:
-        lines = _lines(conn, acct_id, start, end, after, EXPORT_BATCH)
-        for line in lines:
-            writer.writerow([
-                line.time.astimezone(tz).strftime("%Y-%m-%d %H:%M:%S"),
-                counterparty_label(line.counterparty_account_id, line.counterparty_name),
-                line.reference,
-                line.type.display_name,
-                line.description,
-                _dollars(line.amount_cents),
-                _dollars(line.balance_after_cents),
-            ])
-        yield buf.getvalue().encode()
-        buf.seek(0)
-        buf.truncate()
-        if len(lines) < EXPORT_BATCH:
-            return
-        after = (lines[-1].time, lines[-1].posting_id)
+    csv.writer(buf).writerow(CSV_COLUMNS)
+    return buf.getvalue()
+
+
+def _export_csv_pg(conn: Connection, acct_id: int, start: datetime | None, end: datetime | None,
+                   tz_name: str) -> Iterator[bytes]:
+    # a cursor of our own in the connection's transaction: the server holds one fetch at a time
+    try:
+        conn.execute(_DECLARE_EXPORT, {"acct_id": acct_id, "start": start, "end": end, "tz": tz_name})
+        pending = [_csv_header().removesuffix("\r\n")]
+        size = len(pending[0])
+        while True:
+            rows = conn.exec_driver_sql(_FETCH_EXPORT).fetchall()
+            pending.extend(line for (line,) in rows)
+            size += sum(len(line) + 2 for (line,) in rows)
+            if size >= EXPORT_CHUNK_BYTES or (len(rows) < EXPORT_FETCH_ROWS and pending):
+                yield ("\r\n".join(pending) + "\r\n").encode()
+                pending, size = [], 0
+            if len(rows) < EXPORT_FETCH_ROWS:
+                return
+    finally:
+        conn.rollback()

@@ -3,11 +3,12 @@ the organisations, and an organisation's totals by type over a range."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Connection, and_, case, func, or_, select
+from sqlalchemy import Connection, case, func, literal, select, tuple_
 
 from server.domain.errors import InvalidArgument
 from server.domain.types import (
@@ -142,35 +143,55 @@ class BalancePage:
     count: int
 
 
+_TOKEN_NUMBER = re.compile(r"-?[0-9]{1,19}")
+
+
+def _balances_token(token: str) -> tuple[int, tuple[int, int] | None]:
+    """A ListBalances page token: the last account id of the previous page, then the count and
+    total the first page gave (`id.count.total`), so later pages need not add up every account
+    again; a bare id (older tokens) has them added up afresh."""
+    if not token:
+        return 0, None
+    parts = token.split(".")
+    if len(parts) not in (1, 3) or not all(_TOKEN_NUMBER.fullmatch(p) for p in parts):
+        raise InvalidArgument.field("page_token", "is not a token this service gave out")
+    after = _id_token(parts[0])
+    assert after is not None
+    return after, ((int(parts[1]), int(parts[2])) if len(parts) == 3 else None)
+
+
 def list_balances(conn: Connection, kind: AccountKind | None, page_size: int, page_token: str,
                   include_zero: bool) -> BalancePage:
     """Accounts of one kind (None: members and organisations), members first, each by id;
-    keyset pagination on the account id; totals over every page."""
+    keyset pagination on (kind, id), which the index ix_accounts_kind_id serves at any depth;
+    count and total over every page, as the first page found them."""
     limit = _page_size(page_size)
-    after = _id_token(page_token)
+    after, totals = _balances_token(page_token)
     kinds = [int(kind)] if kind is not None else [int(AccountKind.MEMBER), int(AccountKind.ORGANISATION)]
     where = [accounts.c.kind.in_(kinds)]
     if not include_zero and kind != AccountKind.SYSTEM:
         where.append(accounts.c.balance_cents != 0)
-    total_cents, count = conn.execute(
-        select(func.coalesce(func.sum(accounts.c.balance_cents), 0), func.count()).where(*where)
-    ).one()
+    if totals is None:
+        total_cents, count = conn.execute(
+            select(func.coalesce(func.sum(accounts.c.balance_cents), 0), func.count()).where(*where)
+        ).one()
+        totals = (int(count), int(total_cents))
     query = select(accounts.c.id, accounts.c.kind, accounts.c.ext_id, accounts.c.name, accounts.c.balance_cents).where(
         *where
     )
-    if after is not None:
-        after_kind = after % 4
-        query = query.where(or_(accounts.c.kind > after_kind, and_(accounts.c.kind == after_kind, accounts.c.id > after)))
+    if page_token:
+        # a row comparison: the index seeks straight to the page however deep it is
+        query = query.where(tuple_(accounts.c.kind, accounts.c.id) > tuple_(literal(after % 4), literal(after)))
     rows = list(conn.execute(query.order_by(accounts.c.kind, accounts.c.id).limit(limit + 1)))
     next_token = ""
     if len(rows) > limit:
         rows = rows[:limit]
-        next_token = str(rows[-1].id)
+        next_token = f"{rows[-1].id}.{totals[0]}.{totals[1]}"
     return BalancePage(
         rows=[BalanceRow(AccountKind(r.kind), r.ext_id, r.name, r.balance_cents) for r in rows],
         next_page_token=next_token,
-        total_cents=int(total_cents),
-        count=int(count),
+        total_cents=totals[1],
+        count=totals[0],
     )
 
 
