@@ -157,7 +157,7 @@ class LedgerApi(ApiBase):
         tz = self.settings.timezone
         # One read transaction, so the export is one consistent snapshot; chunks are pulled
         # from the pool thread one at a time.
-        conn = await self.in_thread(self.db.read_connection)
+        conn = await self.in_thread(self.db.snapshot_connection)
         chunks = None
         # a cancelled call may leave a pull running in its thread: the close waits for it, then
         # ends the export's cursor and transaction before the connection goes back

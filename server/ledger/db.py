@@ -175,6 +175,11 @@ class Database:
         snapshot of its own and holds nothing once it has answered. The caller closes it."""
         return self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
 
+    def snapshot_connection(self) -> Connection:
+        """A connection whose reads share one transaction (an export's snapshot); the caller ends it
+        and closes the connection."""
+        return self.engine.connect()
+
     def read(self, fn: Callable[[Connection], T]) -> T:
         try:
             with self.read_connection() as conn:

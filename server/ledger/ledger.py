@@ -108,37 +108,35 @@ _EXISTING = "SELECT id FROM accounts WHERE id = ANY(%(ids)s)"
 _CREATE = ("INSERT INTO accounts (id, kind, ext_id, name, balance_cents, created_at) "
            "SELECT a.id, a.id %% 4, a.id / 4, '', 0, clock_timestamp() FROM unnest(%(ids)s::bigint[]) AS a(id) "
            "ORDER BY a.id %% 4, a.id / 4 ON CONFLICT (id) DO NOTHING")
+# The values go as three JSON arrays of rows (one literal each: cheap to send and to parse, whatever N
+# is); each transaction takes its id from the sequence here, and its postings refer to it by position.
 _WRITE = """
 WITH t AS MATERIALIZED (SELECT clock_timestamp() AS at),
+tx_rows AS MATERIALIZED (
+  SELECT e.n, nextval(pg_get_serial_sequence('transactions', 'id')) AS id, e.r
+  FROM jsonb_array_elements(%(transactions)s::jsonb) WITH ORDINALITY AS e(r, n)),
 balance AS (
-  UPDATE accounts a SET balance_cents = v.balance_cents, last_movement_at = t.at
-  FROM unnest(%(acct_id)s::bigint[], %(acct_balance)s::bigint[]) AS v(id, balance_cents), t
-  WHERE a.id = v.id RETURNING a.id),
+  UPDATE accounts a SET balance_cents = (v.r->>1)::bigint, last_movement_at = t.at
+  FROM jsonb_array_elements(%(balances)s::jsonb) AS v(r), t
+  WHERE a.id = (v.r->>0)::bigint RETURNING 1),
 tx AS (
-  INSERT INTO transactions (reference, type, description, principal, payment_id, batch_id, event_id, session_id,
+  INSERT INTO transactions (id, reference, type, description, principal, payment_id, batch_id, event_id, session_id,
                             created_at)
-  SELECT u.reference, u.type, u.description, u.principal, u.payment_id, u.batch_id, u.event_id, u.session_id, t.at
-  FROM unnest(%(tx_reference)s::varchar[], %(tx_type)s::varchar[], %(tx_description)s::varchar[],
-              %(tx_principal)s::varchar[], %(tx_payment_id)s::varchar[], %(tx_batch_id)s::varchar[],
-              %(tx_event_id)s::bigint[], %(tx_session_id)s::bigint[])
-       AS u(reference, type, description, principal, payment_id, batch_id, event_id, session_id), t
-  RETURNING id, reference),
+  SELECT x.id, x.r->>0, x.r->>1, x.r->>2, x.r->>3, x.r->>4, x.r->>5, (x.r->>6)::bigint, (x.r->>7)::bigint, t.at
+  FROM tx_rows x, t RETURNING 1),
 posted AS (
   INSERT INTO postings (transaction_id, account_id, amount_cents, balance_after_cents, counterparty_account_id,
                         reference, type, description, payment_id, event_id, session_id, created_at)
-  SELECT tx.id, p.account_id, p.amount_cents, p.balance_after_cents, p.counterparty_account_id,
-         tx.reference || p.suffix, x.type, x.description, x.payment_id, x.event_id, x.session_id, t.at
-  FROM unnest(%(p_tx)s::int[], %(p_account_id)s::bigint[], %(p_amount_cents)s::bigint[],
-              %(p_balance_after_cents)s::bigint[], %(p_counterparty)s::bigint[], %(p_suffix)s::varchar[])
-       WITH ORDINALITY AS p(tx, account_id, amount_cents, balance_after_cents, counterparty_account_id, suffix, n)
-  JOIN unnest(%(tx_reference)s::varchar[], %(tx_type)s::varchar[], %(tx_description)s::varchar[],
-              %(tx_payment_id)s::varchar[], %(tx_event_id)s::bigint[], %(tx_session_id)s::bigint[])
-       WITH ORDINALITY AS x(reference, type, description, payment_id, event_id, session_id, tx) ON x.tx = p.tx
-  JOIN tx ON tx.reference = x.reference
+  SELECT x.id, (p.r->>1)::bigint, (p.r->>2)::bigint, (p.r->>3)::bigint, (p.r->>4)::bigint,
+         (x.r->>0) || (p.r->>5), x.r->>1, x.r->>2, x.r->>4, (x.r->>6)::bigint, (x.r->>7)::bigint, t.at
+  FROM jsonb_array_elements(%(postings)s::jsonb) WITH ORDINALITY AS p(r, n)
+  JOIN tx_rows x ON x.n = (p.r->>0)::bigint
   CROSS JOIN t
   ORDER BY p.n
   RETURNING 1)
-SELECT tx.id, tx.reference, t.at, (SELECT count(*) FROM posted), (SELECT count(*) FROM balance) FROM tx, t
+SELECT t.at, (SELECT array_agg(id ORDER BY n) FROM tx_rows), (SELECT count(*) FROM tx),
+       (SELECT count(*) FROM posted), (SELECT count(*) FROM balance)
+FROM t
 """
 
 
@@ -227,38 +225,24 @@ def _decide(txn: NewTransaction, balances: dict[int, int], unavailable: dict[int
 
 def _write(conn: Connection, accepted: list[tuple[int, NewTransaction, dict[int, int]]],
            balances: dict[int, int]) -> list[tuple[int, Booked]]:
-    tx_cols: dict[str, list] = {k: [] for k in ("reference", "type", "description", "principal", "payment_id",
-                                                "batch_id", "event_id", "session_id")}
-    p_cols: dict[str, list] = {k: [] for k in ("tx", "account_id", "amount_cents", "balance_after_cents",
-                                               "counterparty", "suffix")}
-    touched: set[int] = set()
-    references = []
+    transactions, postings_rows, touched, references = [], [], set(), []
     for tx_number, (_, txn, after) in enumerate(accepted, start=1):
         reference = txn.reference or new_reference(txn.type)
         references.append(reference)
-        for name, value in (("reference", reference), ("type", txn.type.value), ("description", txn.description),
-                            ("principal", txn.principal), ("payment_id", txn.payment_id),
-                            ("batch_id", txn.batch_id), ("event_id", txn.event_id), ("session_id", txn.session_id)):
-            tx_cols[name].append(value)
+        transactions.append((reference, txn.type.value, txn.description, txn.principal, txn.payment_id,
+                             txn.batch_id, txn.event_id, txn.session_id))
         for index, leg in sorted(enumerate(txn.legs, start=1), key=lambda il: lock_rank(il[1].account_id)):
-            for name, value in (("tx", tx_number), ("account_id", leg.account_id),
-                                ("amount_cents", leg.amount_cents), ("balance_after_cents", after[leg.account_id]),
-                                ("counterparty", leg.counterparty_account_id), ("suffix", f"-{index}")):
-                p_cols[name].append(value)
+            postings_rows.append((tx_number, leg.account_id, leg.amount_cents, after[leg.account_id],
+                                  leg.counterparty_account_id, f"-{index}"))
             touched.add(leg.account_id)
-    params = {f"tx_{k}": v for k, v in tx_cols.items()} | {f"p_{k}": v for k, v in p_cols.items()}
     acct_ids = sorted(touched, key=lock_rank)
-    params["acct_id"] = acct_ids
-    params["acct_balance"] = [balances[acct_id] for acct_id in acct_ids]
-    rows = conn.exec_driver_sql(_WRITE, params).fetchall()
-    by_reference = {reference: (tx_id, at) for tx_id, reference, at, _, _ in rows}
-    assert len(by_reference) == len(accepted), "every transaction row was written"
-    assert rows[0][3] == len(p_cols["tx"]) and rows[0][4] == len(acct_ids), "every posting and balance was written"
-    out = []
-    for (n, _, after), reference in zip(accepted, references, strict=True):
-        tx_id, at = by_reference[reference]
-        out.append((n, Booked(tx_id, reference, at, dict(after))))
-    return out
+    params = {"transactions": json.dumps(transactions), "postings": json.dumps(postings_rows),
+              "balances": json.dumps([(acct_id, balances[acct_id]) for acct_id in acct_ids])}
+    at, tx_ids, n_tx, n_postings, n_balances = conn.exec_driver_sql(_WRITE, params).one()
+    assert (n_tx, n_postings, n_balances) == (len(accepted), len(postings_rows), len(acct_ids)), \
+        "every transaction, posting and balance was written"
+    return [(n, Booked(tx_id, reference, at, dict(after)))
+            for (n, _, after), reference, tx_id in zip(accepted, references, tx_ids, strict=True)]
 
 
 def balance_of(conn: Connection, acct_id: int) -> int | None:
@@ -296,15 +280,13 @@ _OUTBOX = "outbox_rows"  # unit_state key: events buffered for the end of the un
 _RECORDS = "idempotency_rows"  # unit_state key: idempotency records buffered likewise
 _INSERT_EVENTS = (
     f"INSERT INTO outbox_events ({', '.join(_EVENT_FIELDS)}, created_at) "
-    f"SELECT {', '.join(_EVENT_FIELDS)}, clock_timestamp() FROM unnest("
-    + ", ".join(f"%(ev_{name})s::{_EVENT_TYPES[name]}[]" for name in _EVENT_FIELDS)
-    + f") AS e({', '.join(_EVENT_FIELDS)})"
+    "SELECT " + ", ".join(f"(e.r->>{i})::{_EVENT_TYPES[name]}" for i, name in enumerate(_EVENT_FIELDS))
+    + ", clock_timestamp() FROM jsonb_array_elements(%(events)s::jsonb) WITH ORDINALITY AS e(r, n) ORDER BY e.n"
 )
 _INSERT_RECORDS = (
     "INSERT INTO idempotency_keys (principal, key, method, request_hash, result, created_at) "
-    "SELECT r.principal, r.key, r.method, r.request_hash, r.result::jsonb, clock_timestamp() "
-    "FROM unnest(%(rec_principal)s::varchar[], %(rec_key)s::varchar[], %(rec_method)s::varchar[], "
-    "%(rec_request_hash)s::varchar[], %(rec_result)s::text[]) AS r(principal, key, method, request_hash, result)"
+    "SELECT r.r->>0, r.r->>1, r.r->>2, r.r->>3, r.r->4, clock_timestamp() "
+    "FROM jsonb_array_elements(%(records)s::jsonb) AS r(r)"
 )
 
 
@@ -320,7 +302,7 @@ def emit(conn: Connection, *events: NewEvent) -> None:
 
 def record(conn: Connection, principal: str, key: str, method: str, request_hash: str, result: dict) -> None:
     """Store the data of a first request's response under its idempotency key, in this unit of work."""
-    unit_state(conn).setdefault(_RECORDS, []).append((principal, key, method, request_hash, json.dumps(result)))
+    unit_state(conn).setdefault(_RECORDS, []).append((principal, key, method, request_hash, result))
     before_commit(conn, "ledger-writes", _flush)
 
 
@@ -330,11 +312,10 @@ def _flush(conn: Connection) -> None:
     statements, params = [], {}
     if events:
         statements.append(_INSERT_EVENTS)
-        for name in _EVENT_FIELDS:
-            params[f"ev_{name}"] = [str(getattr(ev, name)) if name == "kind" else getattr(ev, name) for ev in events]
+        params["events"] = json.dumps([[str(ev.kind), *(getattr(ev, name) for name in _EVENT_FIELDS[1:])]
+                                       for ev in events])
     if records:
         statements.append(_INSERT_RECORDS)
-        for n, name in enumerate(("principal", "key", "method", "request_hash", "result")):
-            params[f"rec_{name}"] = [row[n] for row in records]
+        params["records"] = json.dumps(records)
     if statements:
         conn.exec_driver_sql("; ".join(statements), params)
