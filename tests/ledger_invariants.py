@@ -35,13 +35,21 @@ def snapshot(db: Database) -> Snapshot:
 
 def check_invariants(db: Database, *, negative_allowed: set[int] = frozenset()) -> None:  # type: ignore[assignment]
     """Money is conserved; each transaction's postings sum to zero; every balance equals the sum of
-    its postings; balance-after chains add up per account; no member below zero unless allowed."""
+    its postings; balance-after chains add up per account; no member below zero unless allowed;
+    the organisations' day totals are exactly their postings'."""
     with db.engine.connect() as conn:
+        kept = sorted(tuple(r) for r in conn.exec_driver_sql(
+            "SELECT account_id, day, type, amount_cents, count, in_cents, out_cents FROM account_day_totals"))
+        recomputed = sorted(tuple(r) for r in conn.exec_driver_sql(
+            "SELECT account_id, (created_at AT TIME ZONE 'UTC')::date, type, sum(amount_cents), count(*), "
+            "sum(greatest(amount_cents, 0)), sum(greatest(-amount_cents, 0)) FROM postings "
+            "WHERE account_id %% 4 = 2 GROUP BY 1, 2, 3"))
         rows = conn.execute(select(accounts.c.id, accounts.c.kind, accounts.c.balance_cents)).all()
         posting_rows = conn.execute(
             select(postings.c.transaction_id, postings.c.account_id, postings.c.amount_cents,
                    postings.c.balance_after_cents).order_by(postings.c.created_at, postings.c.id)  # statement order
         ).all()
+    assert kept == recomputed, "the day totals the write path keeps are the postings' own"
     assert sum(r.balance_cents for r in rows) == 0, "the sum of all balances is zero"
     by_txn: dict[int, int] = defaultdict(int)
     legs: dict[int, int] = defaultdict(int)

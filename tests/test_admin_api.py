@@ -241,3 +241,27 @@ def test_list_balances_later_pages_keep_the_first_pages_totals(server, admin, ap
         with pytest.raises(grpc.RpcError) as exc:
             admin.list_balances(page_token=bad)
         assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT, bad
+
+
+def test_organisation_summary_joins_day_totals_and_part_days(server, app, admin):
+    """Whole UTC days come from the day totals the write path keeps, the part-days at either end
+    from the postings: any range adds up to what the postings say, and the totals match them."""
+    from ledger_invariants import check_invariants
+
+    admin.upsert_organisation(7, "Club")
+    admin.adjust(50_000, "credit", member_id=1)
+    for cents in (100, 250, 400):
+        app.pay(1, cents, organisation_id=7, description="Entry")
+    admin.adjust(-30, "bank fee", organisation_id=7)
+    now = utcnow()
+    midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    ranges = [(None, None), (midnight - timedelta(days=3), None), (None, now + timedelta(hours=1)),
+              (midnight - timedelta(days=2, hours=5), now + timedelta(days=1, hours=2)),
+              (midnight + timedelta(seconds=1), now + timedelta(seconds=1)),
+              (midnight - timedelta(days=1), midnight + timedelta(days=1))]
+    for start, end in ranges:
+        s = admin.organisation_summary(7, start=start, end=end)
+        by_type = {t.type_name: (t.amount_cents, t.count, t.in_cents, t.out_cents) for t in s.totals}
+        assert by_type == {"Miscellaneous": (750, 3, 750, 0), "Manual Adjustment": (-30, 1, 0, 30)}, (start, end)
+        assert s.closing_balance_cents - s.opening_balance_cents == 720
+    check_invariants(server.db)

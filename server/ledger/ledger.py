@@ -6,7 +6,8 @@ whatever N is:
    with `SELECT … FOR UPDATE` (or `SKIP LOCKED` for a group, so one busy account never holds up the
    others);
 2. write: the new balances, the transaction rows and every posting with its balance after, stamped
-   with the database clock read after the locks.
+   with the database clock read after the locks, and the organisations' totals per day and type
+   (`account_day_totals`, read by GetOrganisationSummary).
 Between the two, the rules decide in Python, once, in order: a leg that must not take its account
 below zero is refused when it would (`InsufficientFunds`), an unregistered organisation is
 `NotFound`, an account another request holds is `AccountBusy` (group only). A refused transaction
@@ -133,9 +134,22 @@ posted AS (
   JOIN tx_rows x ON x.n = (p.r->>0)::bigint
   CROSS JOIN t
   ORDER BY p.n
+  RETURNING 1),
+day_totals AS (
+  INSERT INTO account_day_totals AS d (account_id, day, type, amount_cents, count, in_cents, out_cents)
+  SELECT (p.r->>1)::bigint, (t.at AT TIME ZONE 'UTC')::date, x.r->>1, sum((p.r->>2)::bigint), count(*),
+         sum(greatest((p.r->>2)::bigint, 0)), sum(greatest(-(p.r->>2)::bigint, 0))
+  FROM jsonb_array_elements(%(postings)s::jsonb) AS p(r)
+  JOIN tx_rows x ON x.n = (p.r->>0)::bigint
+  CROSS JOIN t
+  WHERE (p.r->>1)::bigint %% 4 = 2
+  GROUP BY 1, 2, 3
+  ON CONFLICT (account_id, day, type) DO UPDATE SET amount_cents = d.amount_cents + excluded.amount_cents,
+    count = d.count + excluded.count, in_cents = d.in_cents + excluded.in_cents,
+    out_cents = d.out_cents + excluded.out_cents
   RETURNING 1)
 SELECT t.at, (SELECT array_agg(id ORDER BY n) FROM tx_rows), (SELECT count(*) FROM tx),
-       (SELECT count(*) FROM posted), (SELECT count(*) FROM balance)
+       (SELECT count(*) FROM posted), (SELECT count(*) FROM balance), (SELECT count(*) FROM day_totals)
 FROM t
 """
 
@@ -238,7 +252,7 @@ def _write(conn: Connection, accepted: list[tuple[int, NewTransaction, dict[int,
     acct_ids = sorted(touched, key=lock_rank)
     params = {"transactions": json.dumps(transactions), "postings": json.dumps(postings_rows),
               "balances": json.dumps([(acct_id, balances[acct_id]) for acct_id in acct_ids])}
-    at, tx_ids, n_tx, n_postings, n_balances = conn.exec_driver_sql(_WRITE, params).one()
+    at, tx_ids, n_tx, n_postings, n_balances, _ = conn.exec_driver_sql(_WRITE, params).one()
     assert (n_tx, n_postings, n_balances) == (len(accepted), len(postings_rows), len(acct_ids)), \
         "every transaction, posting and balance was written"
     return [(n, Booked(tx_id, reference, at, dict(after)))

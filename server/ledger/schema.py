@@ -9,6 +9,7 @@ from __future__ import annotations
 from sqlalchemy import (
     BigInteger,
     Column,
+    Date,
     DateTime,
     ForeignKey,
     Index,
@@ -232,3 +233,17 @@ settlements = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
 )
 
+
+# Each organisation account's totals per UTC day and posting type, kept by the write path in the
+# statement that writes the postings (migration 0005); GetOrganisationSummary reads whole days here.
+account_day_totals = Table(
+    "account_day_totals",
+    metadata,
+    Column("account_id", BigInteger, ForeignKey("accounts.id"), primary_key=True),
+    Column("day", Date, primary_key=True),
+    Column("type", String(24), primary_key=True),
+    Column("amount_cents", BigInteger, nullable=False),
+    Column("count", BigInteger, nullable=False),
+    Column("in_cents", BigInteger, nullable=False),
+    Column("out_cents", BigInteger, nullable=False),
+)

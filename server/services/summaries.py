@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 
 from sqlalchemy import Connection, case, func, literal, select, tuple_
 
@@ -20,7 +20,7 @@ from server.domain.types import (
     system_account,
 )
 from server.ledger.db import utcnow
-from server.ledger.schema import accounts, member_cards, organisations, postings
+from server.ledger.schema import account_day_totals, accounts, member_cards, organisations, postings
 from server.services.accounts import Organisation, get_organisation
 from server.services.statements import balance_at
 
@@ -261,12 +261,73 @@ def organisation_summary(conn: Connection, organisation_id: int, start: datetime
         raise InvalidArgument.field("to", "must be after from")
     org = get_organisation(conn, organisation_id)
     acct = organisation_account(organisation_id)
+    rows = _totals_by_type(conn, acct, start, end)
+    totals = sorted(
+        (TypeTotal(PostingType(t), int(amount), int(n), int(money_in), int(money_out))
+         for t, amount, n, money_in, money_out in rows),
+        key=lambda total: list(PostingType).index(total.type),
+    )
+    opening = balance_at(conn, acct, start) if start is not None else 0
+    closing = balance_at(conn, acct, end)
+    return OrganisationSummary(org.organisation_id, org.name, totals, opening, closing)
+
+
+def _whole_days(start: datetime | None, end: datetime | None) -> tuple[date | None, date | None]:
+    """The UTC days wholly inside [start, end): from the first midnight at or after `start` to the
+    last midnight at or before `end` (None: unbounded on that side)."""
+    first = None
+    if start is not None:
+        utc = start.astimezone(UTC)
+        first = utc.date() if utc.time() == time(0) else utc.date() + timedelta(days=1)
+    last = None if end is None else end.astimezone(UTC).date()
+    return first, last
+
+
+def _midnight(day: date) -> datetime:
+    return datetime.combine(day, time(0), tzinfo=UTC)
+
+
+def _totals_by_type(conn: Connection, acct: int, start: datetime | None, end: datetime | None) -> list[tuple]:
+    """(type, amount, count, in, out) over [start, end): whole UTC days from the day totals the write
+    path keeps, the part-days at either end from the postings themselves."""
+    first, last = _whole_days(start, end)
+    if first is not None and last is not None and first >= last:
+        return _posting_totals(conn, acct, start, end)  # no whole day inside: the postings alone
+    parts = [_day_totals(conn, acct, first, last)]
+    if first is not None and start is not None and _midnight(first) > start:
+        parts.append(_posting_totals(conn, acct, start, _midnight(first)))
+    if last is not None and end is not None and end > _midnight(last):
+        parts.append(_posting_totals(conn, acct, _midnight(last), end))
+    merged: dict[str, list[int]] = {}
+    for part in parts:
+        for t, amount, n, money_in, money_out in part:
+            total = merged.setdefault(t, [0, 0, 0, 0])
+            for i, value in enumerate((amount, n, money_in, money_out)):
+                total[i] += int(value)
+    return [(t, *values) for t, values in merged.items()]
+
+
+def _day_totals(conn: Connection, acct: int, first: date | None, last: date | None) -> list[tuple]:
+    where = [account_day_totals.c.account_id == acct]
+    if first is not None:
+        where.append(account_day_totals.c.day >= first)
+    if last is not None:
+        where.append(account_day_totals.c.day < last)
+    return conn.execute(
+        select(account_day_totals.c.type, func.sum(account_day_totals.c.amount_cents),
+               func.sum(account_day_totals.c.count), func.sum(account_day_totals.c.in_cents),
+               func.sum(account_day_totals.c.out_cents))
+        .where(*where).group_by(account_day_totals.c.type)
+    ).all()
+
+
+def _posting_totals(conn: Connection, acct: int, start: datetime | None, end: datetime | None) -> list[tuple]:
     where = [postings.c.account_id == acct]
     if start is not None:
         where.append(postings.c.created_at >= start)
     if end is not None:
         where.append(postings.c.created_at < end)
-    rows = conn.execute(
+    return conn.execute(
         select(
             postings.c.type,
             func.sum(postings.c.amount_cents),
@@ -277,11 +338,3 @@ def organisation_summary(conn: Connection, organisation_id: int, start: datetime
         .where(*where)
         .group_by(postings.c.type)
     ).all()
-    totals = sorted(
-        (TypeTotal(PostingType(t), int(amount), int(n), int(money_in), int(money_out))
-         for t, amount, n, money_in, money_out in rows),
-        key=lambda total: list(PostingType).index(total.type),
-    )
-    opening = balance_at(conn, acct, start) if start is not None else 0
-    closing = balance_at(conn, acct, end)
-    return OrganisationSummary(org.organisation_id, org.name, totals, opening, closing)
