@@ -51,6 +51,9 @@ class Settings:
     lock_timeout_ms: int = 2_000  # how long a statement waits for a row lock before the request fails
     event_loop: str = "uvloop"  # or "asyncio" (the standard library's loop)
     grpc_accept_ahead: int = 8  # requests for a method's next call kept open beyond grpc.aio's one (0: off)
+    max_in_flight: int = 256  # unary calls handled at once; beyond: RESOURCE_EXHAUSTED at once
+    db_wait_s: int = 0  # at start, how long to wait for an unreachable database before giving up
+    health_probe_ms: int = 500  # how often health asks the database (SELECT 1 on its own connection)
     extra: dict = field(default_factory=dict)
     aba: Originator | None = None  # the federation as sender of settlement bank files (see aba_from_env)
 
@@ -75,6 +78,9 @@ class Settings:
             event_loop=_choice("PAYMENTS_EVENT_LOOP", ("uvloop", "asyncio")),
             grpc_accept_ahead=_int_in("PAYMENTS_GRPC_ACCEPT_AHEAD", 8, 0, 64),
             aba=aba_from_env(),
+            max_in_flight=_int_in("PAYMENTS_MAX_IN_FLIGHT", 256, 1, 100_000),
+            db_wait_s=_int_in("PAYMENTS_DB_WAIT_S", 0, 0, 3600),
+            health_probe_ms=_int_in("PAYMENTS_HEALTH_PROBE_MS", 500, 50, 60_000),
         )
 
 

@@ -13,6 +13,7 @@ from google.protobuf.message import Message
 from sqlalchemy import Connection
 from sqlalchemy.exc import IntegrityError
 
+from server.api import call_limits
 from server.api.auth import Principal
 from server.api.interceptors import current_principal
 from server.config import Settings
@@ -56,8 +57,9 @@ class ApiBase:
         return current_principal.get()
 
     async def in_thread(self, fn: Callable[[], T]) -> T:
-        """Blocking database work runs in the pool, never on the event loop."""
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
+        """Blocking database work runs in the pool, never on the event loop; the call's first piece
+        of it does not start once the call's deadline has passed (`call_limits.guarded`)."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, call_limits.guarded(fn))
 
     async def read(self, fn: Callable[[Connection], T]) -> T:
         return await self.in_thread(lambda: self.db.read(fn))

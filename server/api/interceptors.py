@@ -13,16 +13,20 @@ import time
 import grpc
 import structlog
 
+from server.api import call_limits
 from server.api.auth import SERVICE, Authenticator, Principal, allowed
+from server.api.call_limits import InFlight
 from server.api.call_log import write_call_line
 from server.api.errors import to_status
 from server.domain.errors import DomainError
+from server.ledger import db_errors
 
 log = structlog.get_logger("payments.rpc")
 
 current_principal: contextvars.ContextVar[Principal] = contextvars.ContextVar("current_principal")
 
 _PREFIX = f"/{SERVICE}/"
+DEFAULT_MAX_IN_FLIGHT = 256
 
 
 class GuardedRegistration:
@@ -32,9 +36,11 @@ class GuardedRegistration:
     a call to reach a handler, so every call is authenticated and logged; and no per-call
     interceptor runs (grpc's interceptor machinery cost 3 to 4 % of a Pay's server CPU)."""
 
-    def __init__(self, server, authenticator: Authenticator, *, also=()):  # noqa: ANN001
+    def __init__(self, server, authenticator: Authenticator, *, also=(),  # noqa: ANN001
+                 in_flight: InFlight | None = None):
         self._targets = (server, *also)
         self._auth = authenticator
+        self._in_flight = in_flight or InFlight(DEFAULT_MAX_IN_FLIGHT)
         self.wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     def add_generic_rpc_handlers(self, handlers: object) -> None:
@@ -42,7 +48,8 @@ class GuardedRegistration:
 
     def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
         assert f"/{service}/" == _PREFIX, f"only the payments service is guarded here, not {service}"
-        wrapped = {method: _wrap(_Guard(method, self._auth), handler) for method, handler in handlers.items()}
+        wrapped = {method: _wrap(_Guard(method, self._auth, self._in_flight), handler)
+                   for method, handler in handlers.items()}
         self.wrapped.update({f"/{service}/{method}": handler for method, handler in wrapped.items()})
         for target in self._targets:
             target.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, wrapped),))
@@ -86,11 +93,13 @@ class _Call:
 
 
 class _Guard:
-    """Authentication, roles, error mapping and the log line around one method's behaviour."""
+    """Authentication, roles, the bound on calls in flight, error mapping and the log line around
+    one method's behaviour."""
 
-    def __init__(self, method: str, authenticator: Authenticator):
+    def __init__(self, method: str, authenticator: Authenticator, in_flight: InFlight):
         self.method = method
         self._auth = authenticator
+        self._in_flight = in_flight
 
     def _begin(self, context) -> _Call:  # noqa: ANN001
         authorization = request_id = None
@@ -113,15 +122,18 @@ class _Guard:
             await context.abort(*call.refusal)
         assert call.principal is not None
         current_principal.set(call.principal)
+        call_limits.note_deadline(context)
 
     @staticmethod
     async def _fail(call: _Call, context, exc: Exception) -> None:  # noqa: ANN001
-        """A DomainError becomes its status; an abort already under way goes on; anything else is
-        logged once, with its traceback, and the caller gets INTERNAL with the request id."""
+        """A DomainError becomes its status, and so does a database failure that means one (a lost
+        database: UNAVAILABLE); an abort already under way goes on; anything else is logged once,
+        with its traceback, and the caller gets INTERNAL with the request id."""
         if _is_abort(exc):
             raise exc
-        if isinstance(exc, DomainError):
-            status = to_status(exc)
+        mapped = exc if isinstance(exc, DomainError) else db_errors.classify(exc)
+        if mapped is not None:  # a database error escaping a unit of work is mapped all the same
+            status = to_status(mapped)
             await context.abort(status.code, status.details, status.trailing_metadata)
         log.exception("unhandled error", method=call.method, request_id=call.request_id)
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {call.request_id})")
@@ -146,6 +158,11 @@ class _Guard:
             started = time.perf_counter()
             call = self._begin(context)
             answered = False
+            # Unary calls only are bounded: a stream (Subscribe) is held open for hours by design.
+            entered = call.refusal is None and self._in_flight.try_enter()
+            if call.refusal is None and not entered:
+                call.refusal = (grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"the server has {self._in_flight.limit} calls in flight; retry shortly")
             try:
                 await self._enter(call, context)
                 try:
@@ -155,6 +172,8 @@ class _Guard:
                 except Exception as exc:  # noqa: BLE001 - mapped to a status; aborts pass through
                     await self._fail(call, context, exc)
             finally:
+                if entered:
+                    self._in_flight.leave()
                 self._log(call, context, started, answered=answered)
 
         return unary

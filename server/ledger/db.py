@@ -13,9 +13,10 @@ from datetime import UTC, datetime
 from typing import TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import SQLAlchemyError
 
-from server.domain.errors import Aborted, Unavailable
+from server.ledger import db_errors
+from server.ledger.db_errors import DRIVER_ERRORS
 
 T = TypeVar("T")
 
@@ -66,33 +67,6 @@ def make_engine(url: str, *, pool_size: int = 16, lock_timeout_ms: int = DEFAULT
             raise RuntimeError("buffered ledger writes were not flushed: write money inside Database.run")
 
     return engine
-
-
-def is_retryable(exc: DBAPIError) -> bool:
-    """Serialization failures and deadlocks: the transaction did nothing and may simply run again."""
-    return getattr(exc.orig, "pgcode", None) in ("40001", "40P01")
-
-
-def is_lock_timeout(exc: DBAPIError) -> bool:
-    return getattr(exc.orig, "pgcode", None) == "55P03"
-
-
-_UNAVAILABLE_TEXT = ("could not connect", "connection refused", "server closed", "terminating", "shutting down",
-                     "starting up", "not yet accepting", "connection already closed", "no connection to the server")
-
-
-def is_unavailable(exc: Exception) -> bool:
-    """The database is unreachable, restarting or was lost mid-call."""
-    if isinstance(exc, DBAPIError):
-        if exc.connection_invalidated:
-            return True
-        code = getattr(exc.orig, "pgcode", None) or ""
-        if code.startswith("08") or code in ("57P01", "57P02", "57P03"):
-            return True
-        if isinstance(exc, OperationalError) or not code:
-            text = str(exc.orig).lower()
-            return any(s in text for s in _UNAVAILABLE_TEXT)
-    return False
 
 
 UNIT_STATE = "unit_of_work_state"  # conn.info key: what a unit of work buffers, gone when it ends
@@ -156,8 +130,8 @@ class Database:
                 if events_written:
                     self.events_committed()
                 return result
-            except DBAPIError as exc:
-                if is_retryable(exc) and attempt < retries:
+            except (SQLAlchemyError, *DRIVER_ERRORS) as exc:
+                if db_errors.is_retryable(exc) and attempt < retries:
                     attempt += 1
                     time.sleep(random.uniform(0, 0.002 * 2**attempt))
                     continue
@@ -187,22 +161,17 @@ class Database:
                     return fn(conn)
                 finally:
                     _clear(conn)
-        except DBAPIError as exc:
+        except (SQLAlchemyError, *DRIVER_ERRORS) as exc:
             raise translate(exc) from exc
 
     def dispose(self) -> None:
         self.engine.dispose()
 
 
-def translate(exc: DBAPIError) -> Exception:
-    """The domain error a caller can act on, or the exception itself (a bug)."""
-    if is_retryable(exc):
-        return Aborted("the request conflicted with others too often; retry it")
-    if is_lock_timeout(exc):
-        return Aborted("an account it needs is busy (locked by another request); retry it")
-    if is_unavailable(exc):
-        return Unavailable("the database is unavailable")
-    return exc
+def translate(exc: Exception) -> Exception:
+    """The domain error a caller can act on (a lost database: UNAVAILABLE; a conflict or a lock
+    wait that timed out: ABORTED; server.ledger.db_errors), or the exception itself (a bug)."""
+    return db_errors.classify(exc) or exc
 
 
 # ---------------------------------------------------------------- prepared statements (PostgreSQL)

@@ -136,6 +136,11 @@ class StatementBatcher(abc.ABC, Generic[I, O]):
             while self._waiting:
                 n = self.max_batch
                 batch, self._waiting[:n] = self._waiting[:n], []
+                # a caller that went away while its item waited (its deadline passed, it was
+                # cancelled) is not booked: it was told it failed, and a retry asks again
+                batch = [(item, answer) for item, answer in batch if not answer.done()]
+                if not batch:
+                    continue
                 started = time.perf_counter()
                 try:
                     results = await self._run(connection, [item for item, _ in batch])

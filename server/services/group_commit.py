@@ -123,6 +123,8 @@ class GroupCommit:
     def _next_group(self) -> list[tuple[BalanceRequest, asyncio.Future]]:
         group, rest, keys = [], [], set()
         for item in self._waiting:
+            if item[1].done():  # its caller went away (its deadline passed): it is not booked
+                continue
             pending = item[0].pending
             key = None if pending is None else (pending.principal, pending.key)
             if len(group) < self.max_group and (key is None or key not in keys):

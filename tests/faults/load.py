@@ -39,6 +39,16 @@ RETRY_CODES = frozenset({
 })
 
 
+# Each channel its own connection; after a lost connection, try again within 100-500 ms (gRPC's
+# default waits 1 s, then longer and longer: the clients would measure their own back-off).
+CHANNEL_OPTIONS = [
+    ("grpc.use_local_subchannel_pool", 1),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 500),
+]
+
+
 @dataclass(frozen=True)
 class Workload:
     """Who pays whom: members pay organisations, amounts in cents."""
@@ -85,10 +95,11 @@ def pay_request(key: str, member_id: int, organisation_id: int, amount_cents: in
 
 
 class PayLoad:
-    """`clients` workers, each with one call in flight at a time, on one event loop in a thread."""
+    """`clients` workers, each with one call in flight at a time, on one event loop in a thread.
+    `deadline_s` is each attempt's deadline, or a (low, high) range it is drawn from."""
 
     def __init__(self, target: str, token: str, workload: Workload, *, clients: int = 16,
-                 deadline_s: float = 5.0, retry: bool = True, settle_timeout_s: float = 60.0,
+                 deadline_s: float | tuple[float, float] = 5.0, retry: bool = True, settle_timeout_s: float = 60.0,
                  backoff_s: tuple[float, float] = (0.02, 0.5), rate_per_client: float | None = None,
                  choose: Callable[[random.Random, Workload], tuple[int, int]] | None = None,
                  seed: int = 1, channels: int = 4):
@@ -142,8 +153,7 @@ class PayLoad:
             self._done.set()
 
     async def _main(self, loop: asyncio.AbstractEventLoop) -> None:
-        channels = [grpc.aio.insecure_channel(self.target, options=[("grpc.use_local_subchannel_pool", 1)])
-                    for _ in range(self.channel_count)]
+        channels = [grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS) for _ in range(self.channel_count)]
         stubs = [pb_grpc.PaymentsServiceStub(c) for c in channels]
         self._loop = loop
         try:
@@ -171,8 +181,9 @@ class PayLoad:
         tries = 0
         while True:
             started = time.monotonic()
+            deadline_s = self.deadline_s if isinstance(self.deadline_s, float | int) else rng.uniform(*self.deadline_s)
             try:
-                await stub.Pay(request, metadata=self.metadata, timeout=self.deadline_s)
+                await stub.Pay(request, metadata=self.metadata, timeout=deadline_s)
                 code = "OK"
             except grpc.aio.AioRpcError as err:
                 code = err.code().name

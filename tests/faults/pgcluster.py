@@ -112,15 +112,9 @@ class PgCluster:
             os.chown(path, *owner)
 
     def _run(self, *args: str, check: bool = True, timeout_s: float = 120) -> subprocess.CompletedProcess:
-        owner = _owner()
-
-        def drop() -> None:
-            if owner is not None:
-                os.setgid(owner[1])
-                os.setuid(owner[0])
-
-        return subprocess.run(args, preexec_fn=drop, check=check, capture_output=True, text=True,
-                              timeout=timeout_s, cwd="/")
+        owner = _owner()  # dropped in the child by subprocess itself: no Python runs between fork and exec
+        ids = {} if owner is None else {"user": owner[0], "group": owner[1], "extra_groups": []}
+        return subprocess.run(args, check=check, capture_output=True, text=True, timeout=timeout_s, cwd="/", **ids)
 
     def initdb(self, *, conf: dict[str, str] | None = None, hba: Sequence[str] = ()) -> None:
         self._run(str(self.bin_dir / "initdb"), "-D", str(self.data_dir), "-U", self.user, "-A", "trust",
