@@ -8,7 +8,7 @@ PROTO := protos/cobalt/payments/v1/payments.proto
 GEN := cobalt/payments/v1/payments_pb2.py
 BUF := node_modules/.bin/buf
 
-.PHONY: venv proto run run-local-stripe test test-fast lint bench bench-quick bench-scale clean
+.PHONY: venv proto run run-local-stripe test test-fast lint bench bench-quick bench-scale faults clean
 
 venv: $(STAMP)
 
@@ -45,6 +45,10 @@ test-fast: venv
 
 lint: venv
 	$(VENV)/bin/ruff check server clients webhook_bridge tests bench
+
+# Every fault scenario (docs/faults.md) on a PostgreSQL cluster of its own; a table per scenario.
+faults: venv
+	cd tests && PYTHONPATH=. ../$(PY) -m faults $(FAULTS_ARGS)
 
 bench: venv
 	$(PY) -m bench.run $(BENCH_ARGS)

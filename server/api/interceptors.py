@@ -123,6 +123,8 @@ class _Guard:
         assert call.principal is not None
         current_principal.set(call.principal)
         call_limits.note_deadline(context)
+        if call_limits.expired(call_limits.call_deadline()):  # it waited for the loop past its deadline
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before the call started")
 
     @staticmethod
     async def _fail(call: _Call, context, exc: Exception) -> None:  # noqa: ANN001

@@ -30,6 +30,7 @@ from cobalt.payments.v1 import payments_pb2 as pb
 from cobalt.payments.v1 import payments_pb2_grpc as pb_grpc
 
 DESCRIPTION_PREFIX = "f:"
+PATIENT_DEADLINE_S = 10.0
 
 # Answers after which the same key is sent again: the outcome is unknown or the server is busy.
 RETRY_CODES = frozenset({
@@ -175,13 +176,20 @@ class PayLoad:
             if period:
                 await asyncio.sleep(max(0.0, period - (time.monotonic() - began)))
 
-    async def settle(self, stub: pb_grpc.PaymentsServiceStub, record: KeyRecord, rng: random.Random) -> None:
-        """Send the key until an answer settles it; after stop(), give up at the settle timeout."""
+    async def settle(self, stub: pb_grpc.PaymentsServiceStub, record: KeyRecord, rng: random.Random, *,
+                     patient: bool = False) -> None:
+        """Send the key until an answer settles it; after stop(), give up at the settle timeout.
+        `patient`: with a long deadline, always retried, never given up."""
         request = pay_request(record.key, record.member_id, record.organisation_id, record.amount_cents)
         tries = 0
         while True:
             started = time.monotonic()
-            deadline_s = self.deadline_s if isinstance(self.deadline_s, float | int) else rng.uniform(*self.deadline_s)
+            if patient:
+                deadline_s = PATIENT_DEADLINE_S
+            elif isinstance(self.deadline_s, float | int):
+                deadline_s = self.deadline_s
+            else:
+                deadline_s = rng.uniform(*self.deadline_s)
             try:
                 await stub.Pay(request, metadata=self.metadata, timeout=deadline_s)
                 code = "OK"
@@ -192,13 +200,41 @@ class PayLoad:
             if code == "OK" or grpc.StatusCode[code] not in RETRY_CODES:
                 record.final = code
                 return
-            if not self.retry:
+            if not patient and not self.retry:
                 return
-            if self._stopping and time.monotonic() - self.stopped_at > self.settle_timeout_s:
+            if not patient and self._stopping and time.monotonic() - self.stopped_at > self.settle_timeout_s:
                 return
             tries += 1
             low, high = self.backoff_s
+            if code == "RESOURCE_EXHAUSTED":  # the server asks for room: give it some
+                low, high = max(low, 0.1), max(high, 1.0)
             await asyncio.sleep(rng.uniform(0, min(high, low * 2 ** min(tries, 8))))
+
+    def settle_the_rest(self, clients: int = 16) -> None:
+        """After stop(): a patient client sends every key still unsettled (same key, long deadline)
+        until each is settled, so that the ledger can be compared with final answers."""
+        pending = self.unsettled()
+        if not pending:
+            return
+
+        async def run() -> None:
+            channel = grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+            stub = pb_grpc.PaymentsServiceStub(channel)
+            queue: asyncio.Queue[KeyRecord] = asyncio.Queue()
+            for record in pending:
+                queue.put_nowait(record)
+
+            async def worker(seed: int) -> None:
+                rng = random.Random(seed)
+                while not queue.empty():
+                    await self.settle(stub, queue.get_nowait(), rng, patient=True)
+
+            try:
+                await asyncio.gather(*(worker(i) for i in range(clients)))
+            finally:
+                await channel.close()
+
+        asyncio.run(run())
 
     # ------------------------------------------------------------ results
     def acked(self) -> list[KeyRecord]:
