@@ -1,5 +1,5 @@
 """Bounded load and deadlines (server.api.call_limits), health following the database
-(server.health_monitor) and the lock timeout of pooled sessions (server.ledger.sessions)."""
+(server.health_monitor) and the lock timeout of pooled sessions."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 
 import grpc
 import pytest
-from conftest import PG_URL, TOKENS, require_postgres, start_server
+from conftest import TOKENS, admin_postgres_url, start_server
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import create_engine, text
 
@@ -18,7 +18,6 @@ from server.api import call_limits
 from server.api.call_limits import DeadlineExceeded, InFlight
 from server.domain.errors import Aborted, Unavailable
 from server.health_monitor import DatabaseProbe, HealthMonitor
-from server.ledger import sessions
 from server.ledger.db import Database
 
 
@@ -88,7 +87,6 @@ def closed_port() -> int:
 
 def test_health_follows_the_probe() -> None:
     """NOT_SERVING when the database does not answer the probe, SERVING when it does."""
-    require_postgres()
     seen: list[bool] = []
 
     async def record(serving: bool) -> None:
@@ -102,7 +100,7 @@ def test_health_follows_the_probe() -> None:
         await monitor.stop()
         engine.dispose()
 
-    asyncio.run(run(PG_URL))
+    asyncio.run(run(admin_postgres_url()))
     assert seen == [True]
     seen.clear()
     asyncio.run(run(f"postgresql+psycopg2://postgres@127.0.0.1:{closed_port()}/x"))
@@ -110,8 +108,7 @@ def test_health_follows_the_probe() -> None:
 
 
 def test_a_probe_that_stops_answering_goes_stale() -> None:
-    require_postgres()
-    engine = create_engine(PG_URL)
+    engine = create_engine(admin_postgres_url())
     probe = DatabaseProbe(engine, interval_s=10, timeout_s=1)
     try:
         assert probe.probe() and probe.healthy(stale_s=1.0)
@@ -126,8 +123,7 @@ def test_a_probe_that_stops_answering_goes_stale() -> None:
 def test_pooled_sessions_wait_for_a_lock_at_most_the_lock_timeout(postgres_url: str) -> None:
     """A transaction waiting on a row lock fails after the lock timeout with ABORTED, and the unit
     of work does not wait again."""
-    db = Database.from_url(postgres_url, pool_size=2)
-    sessions.apply_lock_timeout(db.engine, 100)
+    db = Database.from_url(postgres_url, pool_size=2, lock_timeout_ms=100)
     holder = create_engine(postgres_url).connect()
     try:
         holder.execute(text("CREATE TABLE IF NOT EXISTS lock_probe (id int primary key)"))

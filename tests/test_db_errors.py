@@ -5,11 +5,10 @@ refused connection, by SQLAlchemy around them; and the unit of work maps them th
 from __future__ import annotations
 
 import socket
-import sqlite3
 
 import psycopg2
 import pytest
-from conftest import PG_URL, require_postgres
+from conftest import admin_postgres_url
 from sqlalchemy import create_engine, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.pool import NullPool
@@ -23,8 +22,7 @@ pytestmark = pytest.mark.postgres
 
 @pytest.fixture(scope="module")
 def engine():  # noqa: ANN201
-    require_postgres()
-    eng = create_engine(PG_URL, isolation_level="AUTOCOMMIT", poolclass=NullPool)
+    eng = create_engine(admin_postgres_url(), isolation_level="AUTOCOMMIT", poolclass=NullPool)
     yield eng
     eng.dispose()
 
@@ -117,11 +115,6 @@ def test_a_closed_connection_and_an_exhausted_pool_are_unavailable() -> None:
                       Unavailable)
 
 
-def test_a_busy_sqlite_is_retried() -> None:
-    assert db_errors.is_retryable(sqlite3.OperationalError("database is locked"))
-    assert not db_errors.is_retryable(sqlite3.OperationalError("no such table: x"))
-
-
 def test_domain_errors_pass_through() -> None:
     err = InvalidArgument.field("amount_cents", "must be positive")
     assert db_errors.classify(err) is err
@@ -130,7 +123,7 @@ def test_domain_errors_pass_through() -> None:
 def test_the_unit_of_work_answers_unavailable_when_the_database_is_gone(engine) -> None:  # noqa: ANN001
     """Database.run and Database.read, with the pool's connection killed under them and with no
     database listening at all: UNAVAILABLE, never the raw driver error."""
-    db = Database.from_url(PG_URL, pool_size=1)
+    db = Database.from_url(admin_postgres_url(), pool_size=1)
     try:
         pid = db.run(lambda conn: conn.execute(text("SELECT pg_backend_pid()")).scalar_one())
         with engine.connect() as killer:

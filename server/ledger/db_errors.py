@@ -9,7 +9,6 @@ chain of causes is looked at, so what the database said decides, not the last wr
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Iterator
 
 import psycopg2
@@ -17,9 +16,8 @@ from sqlalchemy import exc as sa_exc
 
 from server.domain.errors import Aborted, DomainError, Unavailable
 
-# The drivers' own errors, for code that calls a driver directly (a unit of work catches these
-# and SQLAlchemy's).
-DRIVER_ERRORS: tuple[type[BaseException], ...] = (psycopg2.Error, sqlite3.Error)
+# The driver's own errors, for code that calls it directly (a unit of work catches these and SQLAlchemy's).
+DRIVER_ERRORS: tuple[type[BaseException], ...] = (psycopg2.Error,)
 
 # SQLSTATEs after which the same request, sent again at once, may well succeed.
 CONFLICT_CODES = frozenset({
@@ -66,7 +64,6 @@ DISCONNECT_WORDS = (
     "broken pipe",
     "connection reset",
 )
-SQLITE_BUSY_WORDS = ("database is locked", "database table is locked", "busy")
 
 UNAVAILABLE_MESSAGE = "the database is unavailable; retry later"
 CONFLICT_MESSAGE = "the request conflicted with others too often; retry it"
@@ -124,17 +121,10 @@ def _is_disconnect(link: BaseException) -> bool:
 
 
 def is_retryable(exc: BaseException) -> bool:
-    """A conflict that the unit of work retries at once (serialization failure, deadlock, a busy
-    SQLite). A lock wait that timed out is not: it waited its time already, and waiting again
-    would hold the caller many times the lock timeout."""
-    code = sqlstate(exc)
-    if code is not None:
-        return code in CONFLICT_CODES
-    for link in causes(exc):
-        orig = _driver_error(link)
-        if isinstance(orig, sqlite3.Error):
-            return any(word in _text(orig) for word in SQLITE_BUSY_WORDS)
-    return False
+    """A conflict that the unit of work retries at once (serialization failure, deadlock). A lock
+    wait that timed out is not: it waited its time already, and waiting again would hold the
+    caller many times the lock timeout."""
+    return sqlstate(exc) in CONFLICT_CODES
 
 
 def is_unavailable(exc: BaseException) -> bool:

