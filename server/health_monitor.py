@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 
 import psycopg2
 import structlog
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
 
 log = structlog.get_logger("payments.server")
 
@@ -43,21 +43,25 @@ class DatabaseProbe:
         self._thread.start()
 
     def stop(self) -> None:
+        """Ask the thread to end, without waiting for it (a probe may be waiting on a database
+        that does not answer, and the shutdown does not wait for that)."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(self.timeout_s + 1)
-        self._close()
+        if self._thread is None:
+            self._close()
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.probe()
+        try:
+            while not self._stop.wait(self.interval_s):
+                self.probe()
+        finally:
+            self._close()
 
     def probe(self) -> bool:
         for _ in range(2):  # a broken connection from before a restart is replaced once
             try:
                 self._select_one()
-                self.last_ok = time.monotonic()
                 self.last_error = ""
+                self.last_ok = time.monotonic()
                 return True
             except Exception as exc:  # noqa: BLE001 - any failure to answer means the database is not there
                 self.last_error = (str(exc).splitlines() or [type(exc).__name__])[0]
@@ -65,10 +69,6 @@ class DatabaseProbe:
         return False
 
     def _select_one(self) -> None:
-        if self.engine.dialect.name != "postgresql":
-            with self.engine.connect() as conn:
-                conn.execute(text("SELECT 1"))
-            return
         if self._conn is None:
             args, kwargs = self.engine.dialect.create_connect_args(self.engine.url)
             timeout_ms = int(self.timeout_s * 1000)
@@ -113,7 +113,7 @@ class HealthMonitor:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        await asyncio.get_running_loop().run_in_executor(None, self.probe.stop)
+        self.probe.stop()
 
     async def _watch(self) -> None:
         while True:
