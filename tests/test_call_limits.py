@@ -14,8 +14,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import create_engine, text
 
 from cobalt.payments.v1 import payments_pb2 as pb
+from server import deadlines
 from server.api import call_limits
-from server.api.call_limits import DeadlineExceeded, InFlight
+from server.api.call_limits import InFlight
+from server.deadlines import DeadlineExceeded
 from server.domain.errors import Aborted, Unavailable
 from server.health_monitor import DatabaseProbe, HealthMonitor
 from server.ledger.db import Database
@@ -48,7 +50,7 @@ def test_work_whose_deadline_passed_before_it_started_does_not_run() -> None:
     ran: list[str] = []
 
     def call(remaining_s: float | None, wait_s: float) -> None:
-        call_limits.note_deadline(FakeContext(remaining_s))
+        deadlines.note(FakeContext(remaining_s))
         work = call_limits.guarded(lambda: ran.append("first"))
         later = call_limits.guarded(lambda: ran.append("later"))
         time.sleep(wait_s)  # the wait for a database thread

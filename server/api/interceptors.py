@@ -13,7 +13,7 @@ import time
 import grpc
 import structlog
 
-from server.api import call_limits
+from server import deadlines
 from server.api.auth import SERVICE, Authenticator, Principal, allowed
 from server.api.call_limits import InFlight
 from server.api.call_log import write_call_line
@@ -122,8 +122,8 @@ class _Guard:
             await context.abort(*call.refusal)
         assert call.principal is not None
         current_principal.set(call.principal)
-        call_limits.note_deadline(context)
-        if call_limits.expired(call_limits.call_deadline()):  # it waited for the loop past its deadline
+        deadlines.note(context)
+        if deadlines.expired(deadlines.current()):  # it waited for the event loop past its deadline
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before the call started")
 
     @staticmethod

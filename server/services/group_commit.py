@@ -27,6 +27,8 @@ import structlog
 from sqlalchemy import Connection
 from sqlalchemy.exc import IntegrityError
 
+from server import deadlines
+from server.deadlines import DeadlineExceeded
 from server.domain.errors import DomainError
 from server.ledger import idempotency, ledger
 from server.ledger.db import Database
@@ -94,13 +96,13 @@ class GroupCommit:
         self.name = name
         self.max_group = max_group
         self.on_group = on_group  # told each group's size (metrics)
-        self._waiting: list[tuple[BalanceRequest, asyncio.Future]] = []
+        self._waiting: list[tuple[BalanceRequest, asyncio.Future, float | None]] = []  # with the call's deadline
         self._busy = False
 
     async def submit(self, request: BalanceRequest) -> Any:
         """The request's outcome: its result, an `idempotency.Replayed`, or the DomainError refusing it."""
         answer = asyncio.get_running_loop().create_future()
-        self._waiting.append((request, answer))
+        self._waiting.append((request, answer, deadlines.take()))
         if not self._busy:
             self._busy = True
             asyncio.get_running_loop().create_task(self._drain())
@@ -120,10 +122,13 @@ class GroupCommit:
             # whole; once more, each request finds its stored result or books anew
             return self.db.run(lambda conn: book_many(conn, group, skip_locked=skip_locked))
 
-    def _next_group(self) -> list[tuple[BalanceRequest, asyncio.Future]]:
+    def _next_group(self) -> list[tuple[BalanceRequest, asyncio.Future, float | None]]:
         group, rest, keys = [], [], set()
         for item in self._waiting:
-            if item[1].done():  # its caller went away (its deadline passed): it is not booked
+            if item[1].done():  # its caller went away: it is not booked
+                continue
+            if deadlines.expired(item[2]):  # its caller's deadline passed while it waited: neither
+                item[1].set_exception(DeadlineExceeded(deadlines.DEADLINE_MESSAGE))
                 continue
             pending = item[0].pending
             key = None if pending is None else (pending.principal, pending.key)
@@ -139,16 +144,18 @@ class GroupCommit:
         try:
             while self._waiting:
                 group = self._next_group()
+                if not group:
+                    continue
                 started = time.perf_counter()
                 try:
                     outcomes = await self.in_thread(
-                        lambda g=group: self._book([request for request, _ in g], skip_locked=True))
+                        lambda g=group: self._book([request for request, _, _ in g], skip_locked=True))
                 except Exception as exc:  # noqa: BLE001 - every request of the group is told
-                    for _, answer in group:
+                    for _, answer, _ in group:
                         if not answer.done():
                             answer.set_exception(exc)
                     continue
-                for (_, answer), outcome in zip(group, outcomes, strict=True):
+                for (_, answer, _), outcome in zip(group, outcomes, strict=True):
                     if not answer.done():  # a caller that went away is not answered (a retry asks again)
                         answer.set_result(outcome)
                 if self.on_group is not None:
