@@ -2,9 +2,11 @@
 conserved, postings of a transaction sum to zero, every balance the sum of its postings,
 balance-after chains, no member below zero) and what the clients were told against what was
 booked: each key booked at most once, every acknowledged key booked, nothing booked for a key
-that was refused, one PAYMENT_SUCCEEDED event per booked payment.
+that was refused, one PAYMENT_SUCCEEDED event per booked payment; and the checks of
+tests/ledger_invariants.py, which the rest of the suite shares.
 
-Plain SQL over the tables' stable columns, so it reads any version of the schema that keeps them.
+The fault checks are plain SQL over the tables' stable columns, so they read any version of the
+schema that keeps them.
 """
 
 from __future__ import annotations
@@ -90,11 +92,31 @@ def booked_keys(cur) -> dict[str, int]:  # noqa: ANN001
     return dict(cur.fetchall())
 
 
-def check(dsn: str, records: Iterable[KeyRecord]) -> LedgerCheck:
-    """Compare what clients were told with what the ledger holds, and check the ledger."""
+def shared_problems(url: str) -> list[str]:
+    """The invariants the rest of the test suite checks (tests/ledger_invariants.py), as they grow."""
+    from ledger_invariants import check_invariants
+    from sqlalchemy import create_engine
+
+    from server.ledger.db import Database
+
+    engine = create_engine(url)
+    try:
+        check_invariants(Database(engine))
+    except AssertionError as exc:
+        return [f"ledger_invariants: {exc}"]
+    finally:
+        engine.dispose()
+    return []
+
+
+def check(dsn: str, records: Iterable[KeyRecord], *, url: str | None = None) -> LedgerCheck:
+    """Compare what clients were told with what the ledger holds, and check the ledger (and, given
+    its SQLAlchemy `url`, the suite's shared invariants too)."""
     with contextlib.closing(psycopg2.connect(dsn, connect_timeout=10)) as conn, conn.cursor() as cur:
         booked = booked_keys(cur)
         result = LedgerCheck(booked=booked, problems=ledger_problems(cur))
+    if url is not None:
+        result.problems += shared_problems(url)
     for record in records:
         times = booked.get(record.key, 0)
         if record.acked and times == 0:

@@ -76,7 +76,7 @@ class Rig:
 
     def check(self, *loads: PayLoad) -> invariants.LedgerCheck:
         records = [r for load in loads for r in load.records.values()]
-        return invariants.check(self.dsn, records)
+        return invariants.check(self.dsn, records, url=self.url)
 
     def wait_pay_works(self, timeout_s: float = 30) -> None:
         """Until one Pay goes through (the server and its database are back)."""
