@@ -48,7 +48,7 @@ class Settings:
     event_retention_days: int = 30
     event_poll_interval_ms: int = 1000  # the event stream's fallback poll when no wake-up comes
     shutdown_grace_s: int = 5
-    lock_timeout_ms: int = 250  # how long a statement waits for a row lock before the request fails (docs/faults.md)
+    lock_timeout_ms: int = 2_000  # how long a statement waits for a row lock before the request fails
     event_loop: str = "uvloop"  # or "asyncio" (the standard library's loop)
     grpc_accept_ahead: int = 8  # requests for a method's next call kept open beyond grpc.aio's one (0: off)
     max_in_flight: int = 256  # unary calls handled at once; beyond: RESOURCE_EXHAUSTED at once
@@ -74,7 +74,7 @@ class Settings:
             event_retention_days=_int("PAYMENTS_EVENT_RETENTION_DAYS", 30),
             event_poll_interval_ms=_int("PAYMENTS_EVENT_POLL_INTERVAL_MS", 1000),
             shutdown_grace_s=_int("PAYMENTS_SHUTDOWN_GRACE_S", 5),
-            lock_timeout_ms=_int_in("PAYMENTS_LOCK_TIMEOUT_MS", 250, 1, 600_000),
+            lock_timeout_ms=_int_in("PAYMENTS_LOCK_TIMEOUT_MS", 2_000, 1, 600_000),
             event_loop=_choice("PAYMENTS_EVENT_LOOP", ("uvloop", "asyncio")),
             grpc_accept_ahead=_int_in("PAYMENTS_GRPC_ACCEPT_AHEAD", 8, 0, 64),
             aba=aba_from_env(),

@@ -88,6 +88,13 @@ def book_one(conn: Connection, request: BalanceRequest) -> Any:
     return outcome
 
 
+def _wait_for(conn: Connection, account_id: int) -> None:
+    """Wait (up to the lock timeout) until the busy account is free, holding no other row: the
+    booking that follows would hold its other accounts (a member's) while it waited, and hold up
+    that member's payments to every other club."""
+    conn.exec_driver_sql("SELECT 1 FROM accounts WHERE id = %(id)s FOR UPDATE", {"id": account_id})
+
+
 class GroupCommit:
     def __init__(self, db: Database, in_thread: Callable[[Callable[[], Any]], Awaitable[Any]], name: str,
                  max_group: int = MAX_GROUP, on_group: Callable[[int], None] | None = None):
@@ -107,7 +114,8 @@ class GroupCommit:
             self._busy = True
             asyncio.get_running_loop().create_task(self._drain())
         outcome = await answer
-        if isinstance(outcome, AccountBusy):  # booked again alone, waiting for the lock
+        if isinstance(outcome, AccountBusy):  # booked again alone, once the busy account is free
+            await self.in_thread(lambda: self.db.run(lambda conn: _wait_for(conn, outcome.account_id)))
             outcome = await self.alone(request)
         return outcome
 
