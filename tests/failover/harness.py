@@ -102,13 +102,8 @@ def wait_reader_probed_after(dsn: str, dbname: str, since, timeout_s: float = 10
 
 
 def switch_report(load: PayLoad, health: HealthWatch, killed: float, promoted: float) -> dict:
-    """What clients and health saw from a kill until payments went through again."""
-    first_ok = None
-    deadline = time.monotonic() + 60
-    while first_ok is None and time.monotonic() < deadline:
-        first_ok = load.first_ack_of_attempt_after(killed)
-        if first_ok is None:
-            time.sleep(0.05)
+    """What clients and health saw from a kill until payments went through again (after the load)."""
+    first_ok = load.first_ack_of_attempt_after(killed)
     samples = [(t, o, s) for t, o, s in health.samples if killed <= t < promoted]
     not_serving = health.first("NOT_SERVING", killed)
     serving_again = health.first("SERVING", promoted)
@@ -184,7 +179,6 @@ def run(args: argparse.Namespace) -> dict:
         load2 = rig.pay_load(clients=args.clients, seed=2).start()
         time.sleep(args.promote_after_s)
         promoted = pair.promote(b)
-        report["failover"] = switch_report(load2, health, killed, promoted)
 
         # 4. on b: a stream resumed from before the kill; a rewound into b's synchronous standby
         time.sleep(2)
@@ -202,6 +196,7 @@ def run(args: argparse.Namespace) -> dict:
             "resumed_stream": resumed.summary(),
             "resumed_stream_gaps": resumed.gaps,
         }
+        pair.note("resumed stream read; CHECKPOINT and pg_rewind of a")
         rewind_started = time.monotonic()
         report["pg_rewind"] = pair.rewind_into_standby(a).splitlines()[-3:]
         report["rewind_to_synchronous_s"] = round(time.monotonic() - rewind_started, 2)
@@ -210,13 +205,18 @@ def run(args: argparse.Namespace) -> dict:
         # 5. fail-back under load
         killed2 = pair.kill9(b)
         promoted2 = pair.promote(a)
-        report["failback"] = switch_report(load2, health, killed2, promoted2)
 
         # 6. load on a, then the checks
         time.sleep(args.phase_s / 2)
         load2.stop()
         pair.note("load stopped; checks")
+        report["failover"] = switch_report(load2, health, killed, promoted)
+        report["failback"] = switch_report(load2, health, killed2, promoted2)
         loads = [load1, load2]
+        # The fault suite's check looks up each payment's events by payment id: with no index there,
+        # its time grows with the square of the payments. The index changes no answer.
+        pair.primary.sql("CREATE INDEX IF NOT EXISTS failover_check_events_by_payment "
+                         "ON outbox_events (payment_id)", dbname=rig.dbname)
         check = rig.check(*loads)
         acked = sum(len(load.acked()) for load in loads)
         codes: Counter[str] = Counter()
