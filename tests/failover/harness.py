@@ -101,24 +101,26 @@ def wait_reader_probed_after(dsn: str, dbname: str, since, timeout_s: float = 10
     return False
 
 
-def switch_report(load: PayLoad, health: HealthWatch, killed: float, promoted: float) -> dict:
-    """What clients and health saw from a kill until payments went through again (after the load)."""
+def switch_report(load: PayLoad, health: HealthWatch, killed: float, promotion: tuple[float, float]) -> dict:
+    """What clients and health saw from a kill until payments went through again (after the load).
+    There is no primary from the kill until the promotion is asked for."""
+    asked, promoted = promotion
     first_ok = load.first_ack_of_attempt_after(killed)
-    samples = [(t, o, s) for t, o, s in health.samples if killed <= t < promoted]
+    samples = [(t, o, s) for t, o, s in health.samples if killed <= t < asked]
     not_serving = health.first("NOT_SERVING", killed)
-    serving_again = health.first("SERVING", promoted)
-    window = promoted - killed
+    serving_again = health.first("SERVING", asked)
     return {
-        "kill_to_promoted_s": round(window, 2),
+        "kill_to_promotion_asked_s": round(asked - killed, 2),
+        "kill_to_promoted_s": round(promoted - killed, 2),
         "kill_to_first_success_s": round(first_ok - killed, 2) if first_ok else None,
-        "promoted_to_first_success_s": round(first_ok - promoted, 2) if first_ok else None,
+        "promotion_asked_to_first_success_s": round(first_ok - asked, 2) if first_ok else None,
         "codes_until_first_success": dict(load.codes_between(killed, first_ok or time.monotonic())),
         "health_not_serving_after_s": (round(not_serving - killed, 2)
-                                       if not_serving is not None and not_serving < promoted else None),
+                                       if not_serving is not None and not_serving < asked else None),
         "health_serving_samples_after_2s_without_primary": sum(
             1 for t, o, s in samples if t >= killed + 2 and "SERVING" in (o, s)),
         "health_samples_without_primary": len(samples),
-        "health_serving_again_after_promotion_s": (round(serving_again - promoted, 2)
+        "health_serving_again_after_promotion_asked_s": (round(serving_again - asked, 2)
                                                    if serving_again is not None else None),
     }
 
@@ -309,7 +311,7 @@ def verdict(report: dict) -> list[str]:
         if seen["kill_to_first_success_s"] is None:
             failed.append(f"{switch}: no payment went through afterwards")
         if seen["health_serving_samples_after_2s_without_primary"]:
-            failed.append(f"{switch}: health said SERVING more than 2 s into {seen['kill_to_promoted_s']} s "
+            failed.append(f"{switch}: health said SERVING more than 2 s into {seen['kill_to_promotion_asked_s']} s "
                           "without a primary")
     drill = report["restore_drill"]
     if not (drill["restored_equals_restore_point"] and drill["after_restore_point_absent"]) \

@@ -195,10 +195,12 @@ class ReplicatedPair:
         self.note(f"kill -9 of {node.name}")
         return at
 
-    def promote(self, node: Node) -> float:
+    def promote(self, node: Node) -> tuple[float, float]:
         """Promote a standby: first clear synchronous_standby_names on it (until a standby of its own
-        joins, every commit would wait), then `pg_ctl promote`. Answers when it accepts writes."""
+        joins, every commit would wait), then `pg_ctl promote`. Answers when the promotion was asked
+        for (until then there was no primary) and when the harness saw it accept writes."""
         node.set_sync_standbys("")
+        asked = time.monotonic()
         node._run(str(node.bin_dir / "pg_ctl"), "-D", str(node.data_dir), "-w", "-t", "60", "promote")
         deadline = time.monotonic() + 60
         while node.in_recovery():
@@ -208,7 +210,7 @@ class ReplicatedPair:
         at = time.monotonic()
         self.primary, self.standby = node, None
         self.note(f"{node.name} promoted (timeline {node.timeline()})")
-        return at
+        return asked, at
 
     def rewind_into_standby(self, old: Node) -> str:
         """Make the old primary a synchronous standby of the new one: CHECKPOINT on the new primary (so
