@@ -34,6 +34,9 @@ REPLICATION_CONF = {
     "hot_standby": "on",
     "wal_log_hints": "on",  # pg_rewind needs it (or data checksums)
     "wal_keep_size": "'512MB'",  # a rewound node catches up from its new primary's WAL
+    # A standby retries its WAL sources (stream, archive) this often; a promotion asked for during the
+    # wait between two tries waits for its end (5 s by default).
+    "wal_retrieve_retry_interval": "'500ms'",
     "archive_mode": "always",  # standbys archive what they receive: no segment is missing after a failover
     "autovacuum": "off",  # no background commit flushes WAL behind the harness's back (the reuse reproduction)
     "synchronous_standby_names": "''",  # set per role with ALTER SYSTEM
