@@ -28,7 +28,7 @@ class FakeDatabase:
         self.next_writer = 0
         self.new_session = True
 
-    # the probe (migration 0004): last number drawn, writers still holding the lock, highest committed
+    # the probe (migration 0006): last number drawn, writers still holding the lock, highest committed
     # event, whether this is the session's first probe
     def execute(self, _statement):  # noqa: ANN001, ANN201
         return self

@@ -20,7 +20,7 @@ for each other: the cost on the write path is one uncontended shared advisory lo
 A later candidate's writers include every earlier writer still running, so when a candidate resolves,
 all earlier ones have too.
 
-Final is not enough across a crash or a promotion (migration 0004): PostgreSQL WAL-logs a sequence
+Final is not enough across a crash or a promotion (migration 0006): PostgreSQL WAL-logs a sequence
 ahead of what it hands out and makes that log durable only at a commit, so numbers drawn by
 transactions that never committed may be drawn again by the recovered or promoted node, and a reader
 that had moved past them would skip the events that take them. So:

@@ -1,7 +1,7 @@
 """outbox reader probe: a horizon that a crash or a promotion cannot make the database forget
 
-Revision ID: 0004_outbox_reader_probe
-Revises: 0003_one_write_path
+Revision ID: 0006_outbox_reader_probe
+Revises: 0005_account_day_totals
 
 PostgreSQL WAL-logs a sequence ahead of what it hands out, and only a commit (or a full WAL page)
 makes that log durable. Numbers drawn by transactions that never committed can therefore be drawn
@@ -17,8 +17,8 @@ could be drawn again (server/events/horizon.py):
 
 from alembic import op
 
-revision = '0004_outbox_reader_probe'
-down_revision = '0003_one_write_path'
+revision = '0006_outbox_reader_probe'
+down_revision = '0005_account_day_totals'
 branch_labels = None
 depends_on = None
 
