@@ -49,6 +49,13 @@ lint: venv
 # Every fault scenario (docs/faults.md) on a PostgreSQL cluster of its own; a table per scenario.
 faults: venv
 	cd tests && PYTHONPATH=. ../$(PY) -m faults $(FAULTS_ARGS)
+	$(MAKE) --no-print-directory faults-failover
+
+# A primary and a synchronous standby of its own (never the shared PostgreSQL), kill -9, promotion,
+# fail-back and a restore drill (tests/failover/harness.py; docs/operations.md).
+.PHONY: faults-failover
+faults-failover: venv
+	$(PY) tests/failover/harness.py --json var/failover-report.json $(FAILOVER_ARGS)
 
 bench: venv
 	$(PY) -m bench.run $(BENCH_ARGS)

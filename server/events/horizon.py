@@ -15,13 +15,23 @@ What we use (migration 0002):
   committed and visible to any later snapshot, or never to exist.
 
 The reader probes on each wake-up and keeps (L, W) candidates; a candidate resolves when none of its
-writers is still listed, and the horizon becomes its L. Writers never wait for the reader or for each
-other: the cost on the write path is one uncontended shared advisory lock per transaction.
+writers is still listed, and every number up to its L is final. Writers never wait for the reader or
+for each other: the cost on the write path is one uncontended shared advisory lock per transaction.
 A later candidate's writers include every earlier writer still running, so when a candidate resolves,
 all earlier ones have too.
 
-SQLite serialises writers (BEGIN IMMEDIATE), so commit order is sequence order: the highest visible
-sequence is always a safe horizon.
+Final is not enough across a crash or a promotion (migration 0006): PostgreSQL WAL-logs a sequence
+ahead of what it hands out and makes that log durable only at a commit, so numbers drawn by
+transactions that never committed may be drawn again by the recovered or promoted node, and a reader
+that had moved past them would skip the events that take them. So:
+- the horizon is also capped at the highest *committed* event C the probe sees: C's commit made the
+  sequence's log durable (and replicated to a synchronous standby) past C, so no node draws ≤ C again;
+  numbers above C with no event are holes the horizon passes only once a later event commits;
+- writers seen on an earlier database session are forgotten when a probe says it runs on a new one:
+  a crash or a promotion ends every session, and the new node's writers are other transactions;
+- a new session whose highest committed event is below the horizon is a database that forgot
+  committed events (restored from a backup, or an asynchronous standby promoted): `rewound` tells the
+  reader to drop what it holds in memory and start again from that database.
 """
 
 from __future__ import annotations
@@ -31,7 +41,7 @@ from dataclasses import dataclass
 from sqlalchemy import Connection, text
 
 MAX_CANDIDATES = 64  # bounded even if a writer stays open a long time
-PROBE_SQL = "SELECT last_sequence, writers FROM outbox_writers_probe()"
+PROBE_SQL = "SELECT last_sequence, writers, committed_sequence, new_session FROM outbox_reader_probe()"
 
 
 @dataclass(frozen=True)
@@ -42,24 +52,33 @@ class _Candidate:
 
 class PostgresHorizon:
     def __init__(self) -> None:
-        self.horizon: int | None = None
+        self.horizon: int | None = None  # every event ≤ horizon is final and no node draws ≤ horizon again
+        self.rewound = False  # the last probe found a database that forgot events below the horizon
+        self._final: int | None = None  # every number ≤ _final is final on the current session's node
         self._candidates: list[_Candidate] = []
 
     @property
     def pending(self) -> bool:
-        """Numbers were drawn beyond the horizon: probe again soon."""
+        """Numbers were drawn beyond what is final: probe again soon."""
         return bool(self._candidates)
 
     def advance(self, conn: Connection) -> int | None:
         """Probe once; return the (never decreasing) horizon, or None while there is none yet."""
-        last, writers = conn.execute(text(PROBE_SQL)).one()
-        return self.resolve(last, writers)
+        return self.resolve(*conn.execute(text(PROBE_SQL)).one())
 
-    def resolve(self, last: int, writers: list[str] | None) -> int | None:
-        """Take one probe's answer (PROBE_SQL: the last number drawn, then the writers in flight);
-        return the (never decreasing) horizon, or None while there is none yet."""
+    def resolve(self, last: int, writers: list[str] | None, committed: int, new_session: bool) -> int | None:
+        """Take one probe's answer (PROBE_SQL: the last number drawn, the writers in flight, the highest
+        committed event, whether the session is new); return the (never decreasing) horizon, or None
+        while there is none yet. After `rewound` is set the horizon starts again from None."""
+        self.rewound = False
+        if new_session:
+            self._candidates.clear()
+            if self.horizon is not None and committed < self.horizon:
+                self.rewound = True
+                self.horizon = None
+            self._final = self.horizon
         in_flight = frozenset(writers or ())
-        floor = self.horizon if self.horizon is not None else -1
+        floor = self._final if self._final is not None else -1
         newest = self._candidates[-1].last_sequence if self._candidates else floor
         if last > newest:
             self._candidates.append(_Candidate(last, in_flight))
@@ -68,7 +87,10 @@ class PostgresHorizon:
         for i in range(len(self._candidates) - 1, -1, -1):
             candidate = self._candidates[i]
             if candidate.writers.isdisjoint(in_flight):
-                self.horizon = max(candidate.last_sequence, floor)
+                self._final = max(candidate.last_sequence, floor)
                 del self._candidates[: i + 1]
                 break
+        if self._final is not None:
+            safe = min(self._final, committed)
+            self.horizon = safe if self.horizon is None else max(self.horizon, safe)
         return self.horizon

@@ -68,7 +68,7 @@ class HubLimits:
 
 
 class _Subscription:
-    __slots__ = ("filter", "after", "queue", "signal", "fell_behind")
+    __slots__ = ("filter", "after", "queue", "signal", "fell_behind", "ended")
 
     def __init__(self, flt: EventFilter):
         self.filter = flt
@@ -76,6 +76,7 @@ class _Subscription:
         self.queue: collections.deque[StoredEvent] = collections.deque()
         self.signal = asyncio.Event()
         self.fell_behind = False
+        self.ended = False  # the reader started again (EventHub._start_again)
 
 
 class EventHub:
@@ -102,6 +103,7 @@ class EventHub:
         self._ready = asyncio.Event()  # set once the reader has a horizon
         self._tasks: list[asyncio.Task] = []
         self._stopping = False
+        self._generation = 0  # moves on when the reader starts again from a database that forgot events
 
     @property
     def live_streams(self) -> int:
@@ -194,8 +196,8 @@ class EventHub:
                                  jump: bool) -> tuple[int | None, list[StoredEvent], int | None]:
         """One step on the event loop: (horizon, events read, published through). Two statements in
         autocommit, so the events are read in a snapshot taken after the probe."""
-        ((last, writers),) = await connection.fetch(_PROBE, {})
-        horizon = self._horizon.resolve(last, writers)
+        ((last, writers, committed, new_session),) = await connection.fetch(_PROBE, {})
+        horizon = self._horizon.resolve(last, writers, committed, new_session)
         answer = self._without_reading(horizon, after, jump)
         if answer is not None:
             return answer
@@ -209,6 +211,9 @@ class EventHub:
         after = self.published
         jump = self._jump and not self._live
         horizon, events, through = await self._read_step_on_loop(self._on_loop, after, jump)
+        if self._horizon.rewound:
+            self._start_again()
+            return True
         if horizon is None:
             return True
         if jump or after is None:
@@ -223,6 +228,23 @@ class EventHub:
             return self._horizon.pending
         self._publish(events, through)
         return self._horizon.pending or through < horizon
+
+    def _start_again(self) -> None:
+        """The database no longer has events this process published (it was restored from a backup,
+        or a standby that had not received them was promoted): end every stream, which resumes from
+        its own cursor, and read afresh from the database as it is."""
+        log.warning("the database's newest event is below what the event stream published; "
+                    "ending every stream and starting again", published=self.published)
+        self._generation += 1
+        for sub in list(self._live):
+            sub.ended = True
+            sub.signal.set()
+        self._live.clear()
+        self.published = None
+        self._ring.clear()
+        self._ring_floor = 0
+        self._jump = True
+        self._ready.clear()
 
     def _publish(self, events: list[StoredEvent], through: int) -> None:
         if events:
@@ -263,9 +285,13 @@ class EventHub:
             await self._ready.wait()
             if self._stopping or self.published is None:
                 raise Unavailable("the server is shutting down; subscribe again")
+            generation = self._generation
             cursor = self.published if after_sequence < 0 else after_sequence
             last_sent = cursor
             while not self._stopping:
+                if generation != self._generation or self.published is None:
+                    sub.ended = True
+                    break
                 published = self.published
                 if cursor >= published:
                     sub.after = cursor
@@ -287,7 +313,7 @@ class EventHub:
                     last_sent = ev.sequence
                     yield ev
                 cursor = published if len(page) < self.limits.replay_page else page[-1].sequence
-            while not self._stopping:
+            while not self._stopping and not sub.ended:
                 if sub.fell_behind:
                     break
                 if not sub.queue:
@@ -299,6 +325,9 @@ class EventHub:
                 yield ev
             if self._stopping:
                 raise Unavailable(f"the server is shutting down; subscribe again with after_sequence={last_sent}")
+            if sub.ended:
+                raise Unavailable("the database lost events this stream had published (restored from a backup?); "
+                                  f"subscribe again with after_sequence={last_sent}")
             raise FellBehind(
                 f"this subscriber fell more than {self.limits.queue_events} events behind the stream; subscribe "
                 f"again with after_sequence set to the last sequence received (the server last sent {last_sent})")
