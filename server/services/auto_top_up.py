@@ -259,10 +259,9 @@ def charge(db: Database, gateway: StripeGateway, member_id: int, amount_cents: i
         return db.run(failed)
 
     def succeeded(conn: Connection) -> R:
-        row = cards.bind_intent(conn, ref, intent.id) or cards.adopt(conn, intent.id, intent.metadata,
-                                                                     intent.amount_cents)
+        row = cards.bind_intent(conn, ref, intent.id) or cards.adopt(conn, intent, gateway.currency)
         assert row is not None, "the pending row was written before Stripe was called"
-        return then(conn, cards.apply_success(conn, row, intent.amount_cents))
+        return then(conn, cards.apply_success(conn, row, intent, gateway.currency))
 
     return db.run(succeeded)
 

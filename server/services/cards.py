@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, delete, select, update
+from sqlalchemy import Connection, delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert as insert_or_ignore
 
 from server.domain.errors import InsufficientFunds, NotFound
@@ -35,7 +35,7 @@ from server.ledger.db import as_utc, utcnow
 from server.ledger.ledger import Leg, NewTransaction, balance_of, book
 from server.ledger.schema import card_payments, member_cards
 from server.services.pay import PayCommand, new_payment_id, pay_from_balance
-from server.stripe_gateway import stripe_key
+from server.stripe_gateway import Intent, stripe_key
 
 log = logging.getLogger("payments.cards")
 
@@ -142,32 +142,66 @@ def bind_intent(conn: Connection, ref: str, payment_intent_id: str) -> CardPayme
     return get(conn, payment_intent_id)
 
 
-def adopt(conn: Connection, payment_intent_id: str, metadata: dict[str, str], amount_cents: int) -> CardPayment | None:
+def mismatch(card: CardPayment, intent: Intent, currency: str) -> str | None:
+    """What differs between a PaymentIntent and the card payment we made it for (None: nothing).
+    Money is credited only for what we asked for: this member, this purpose, this amount, our currency."""
+    if intent.metadata.get("member_id") != str(card.member_id):
+        return f"member {intent.metadata.get('member_id', '')!r}, ours {card.member_id}"
+    if intent.metadata.get("purpose") != card.purpose:
+        return f"purpose {intent.metadata.get('purpose', '')!r}, ours {card.purpose!r}"
+    if intent.amount_cents != card.amount_cents:
+        return f"amount {intent.amount_cents}, ours {card.amount_cents}"
+    if intent.currency != currency.lower():
+        return f"currency {intent.currency!r}, ours {currency.lower()!r}"
+    return None
+
+
+def adopt(conn: Connection, intent: Intent, currency: str) -> CardPayment | None:
     """A top-up PaymentIntent of ours (its metadata says so) that has no row: a second one made for
     one key by a Stripe that ignored the idempotency key (Stripe itself returns the first). Its money
-    is real, so it gets a row and is credited like any top-up: card money is never lost."""
+    is real, so it gets a row and is credited like any top-up: card money is never lost. `intent` is
+    Stripe's own (retrieved or answered by Stripe), never an event's word alone."""
+    metadata = intent.metadata
     ref, purpose, member = metadata.get("cobalt_ref", ""), metadata.get("purpose", ""), metadata.get("member_id", "")
     if not ref or purpose not in (MANUAL_TOP_UP, AUTO_TOP_UP) or not member.isdigit():
         return None
     # only a key this database issued for this member: another deployment sharing the Stripe
     # account sends us its events too, and they are not ours to credit
-    issued = conn.execute(select(card_payments.c.payment_intent_id).where(
+    issued_row = conn.execute(select(card_payments).where(
         card_payments.c.member_id == int(member), card_payments.c.payment_id == ref_payment_id(ref),
         card_payments.c.purpose == purpose)).first()
-    if issued is None:
+    if issued_row is None:
         return None
-    log.warning("card payment %s: adopting a PaymentIntent made twice for one key", payment_intent_id)
+    issued = _row(issued_row)
+    problem = mismatch(issued, intent, currency)
+    if problem is not None:  # a twin is the same request again: anything else is not ours to credit
+        log.error("card payment %s: not adopted, it differs from card payment %s made with its key: %s",
+                  intent.id, issued.payment_intent_id, problem)
+        return None
+    log.warning("card payment %s: adopting a PaymentIntent made twice for one key", intent.id)
     conn.execute(insert_or_ignore(card_payments).on_conflict_do_nothing(index_elements=["payment_intent_id"]).values(
-        payment_intent_id=payment_intent_id, member_id=int(member), purpose=purpose, amount_cents=amount_cents,
+        payment_intent_id=intent.id, member_id=int(member), purpose=purpose, amount_cents=intent.amount_cents,
         status=PENDING, payment_id=new_payment_id(), principal="stripe", created_at=utcnow()))
-    return get(conn, payment_intent_id)
+    return get(conn, intent.id)
 
 
-def find_for_intent(conn: Connection, payment_intent_id: str, metadata: dict[str, str],
-                    amount_cents: int) -> CardPayment | None:
-    """Our row for a PaymentIntent: by its id, else by the key it carries in its metadata."""
-    return (bind_intent(conn, metadata.get("cobalt_ref", ""), payment_intent_id)
-            or adopt(conn, payment_intent_id, metadata, amount_cents))
+def find_for_intent(conn: Connection, intent: Intent, currency: str, *, adopt_twin: bool = True) -> CardPayment | None:
+    """Our row for a PaymentIntent that matches it (`mismatch`): by its id, else by the key it carries
+    in its metadata (the pending row of a create whose answer never came), else adopted (`adopt_twin`).
+    A row that differs is logged at error level and None is answered: nothing is credited for it."""
+    row = get(conn, intent.id)
+    if row is None:
+        ref = intent.metadata.get("cobalt_ref", "")
+        placeholder = get(conn, placeholder_id(ref)) if ref else None
+        if placeholder is None:
+            return adopt(conn, intent, currency) if adopt_twin else None
+        row = placeholder
+    problem = mismatch(row, intent, currency)
+    if problem is not None:
+        log.error("card payment %s: the PaymentIntent %s differs from ours: %s; nothing applied",
+                  row.payment_intent_id, intent.id, problem)
+        return None
+    return bind_intent(conn, intent.metadata.get("cobalt_ref", ""), intent.id) if row.is_placeholder else row
 
 
 def intent_metadata(ref: str, member_id: int, purpose: str) -> dict[str, str]:
@@ -204,14 +238,14 @@ def _claim(conn: Connection, card: CardPayment, status: str, from_statuses: tupl
     return found
 
 
-def apply_success(conn: Connection, card: CardPayment, amount_cents: int) -> Applied:
+def apply_success(conn: Connection, card: CardPayment, intent: Intent, currency: str) -> Applied:
     """Stripe says the PaymentIntent succeeded: credit the card money (once) and, for a card payment
     of a Pay, book the Pay with its PAYMENT_SUCCEEDED event, all in this transaction."""
     member_acct = member_account(card.member_id)
-    if amount_cents != card.amount_cents:
+    problem = mismatch(card, intent, currency)
+    if problem is not None:
         # never credit what we did not ask for; an auditor will want to see this
-        log.error("card payment %s: Stripe amount %s differs from ours %s; not applied", card.payment_intent_id,
-                  amount_cents, card.amount_cents)
+        log.error("card payment %s: %s; not applied", card.payment_intent_id, problem)
         return Applied(card, False, balance_of(conn, member_acct) or 0)
     claimed = _claim(conn, card, SUCCEEDED, (PENDING, FAILED))
     if claimed is None:  # applied already (or concurrently, by the other path)
@@ -253,6 +287,21 @@ def apply_success(conn: Connection, card: CardPayment, amount_cents: int) -> App
     applied.balance_cents = result.balance_cents
     applied.payment_reference = result.reference
     return applied
+
+
+def void(conn: Connection, card: CardPayment, reason: str) -> CardPayment | None:
+    """A pending card payment that never became a PaymentIntent at Stripe (the create's answer never
+    came, and Stripe has none with its key): closed as failed with no event and no change to auto
+    top-up, since nothing was tried at Stripe. The row stays, so a PaymentIntent that still turns up
+    with its key is found (`find_for_intent`) and, if it succeeded, credited."""
+    return _claim(conn, card, FAILED, (PENDING,), reason)
+
+
+def pending_top_ups_cents(conn: Connection, member_id: int) -> int:
+    """Card top-ups of the member still pending: money that may yet lift the balance."""
+    return conn.execute(select(func.coalesce(func.sum(card_payments.c.amount_cents), 0)).where(
+        card_payments.c.member_id == member_id, card_payments.c.status == PENDING,
+        card_payments.c.purpose.in_((MANUAL_TOP_UP, AUTO_TOP_UP)))).scalar_one()
 
 
 def mark_failed(conn: Connection, card: CardPayment, reason: str, route_code: str = "",

@@ -97,10 +97,13 @@ def confirm_card_payment(db: Database, gateway: StripeGateway, payment_intent_id
     intent = gateway.retrieve_payment_intent(payment_intent_id)
 
     def apply(conn: Connection) -> CardPaymentState:
-        row = cards.find_for_intent(conn, intent.id, intent.metadata, intent.amount_cents)
-        assert row is not None
+        row = cards.find_for_intent(conn, intent, gateway.currency)
+        if row is None:  # Stripe's PaymentIntent is not the one we asked for (logged): nothing applies
+            row = cards.get(conn, payment_intent_id) or known
+            balance, _ = auto_top_up.balance_and_low_limit(conn, row.member_id)
+            return CardPaymentState(row.status, False, balance, row.payment_id)
         if intent.succeeded:
-            applied = cards.apply_success(conn, row, intent.amount_cents)
+            applied = cards.apply_success(conn, row, intent, gateway.currency)
             return CardPaymentState(applied.card.status, applied.applied_now, applied.balance_cents,
                                     applied.card.payment_id)
         if intent.failed:
