@@ -8,35 +8,29 @@ import gzip
 import http.client
 import json
 import time
-from collections.abc import Iterator
 from urllib.parse import urlsplit
 
 import pytest
-from conftest import record_backend
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from stripe_support import WEBHOOK_SECRET, CardStack, _fresh, stripe_signature
+from stripe_support import WEBHOOK_SECRET, CardStack, stripe_signature
 
 from server.services import stripe_events
 
-pytestmark = [pytest.mark.stripe, pytest.mark.postgres]
+pytestmark = pytest.mark.stripe
 
-
-@pytest.fixture
-def cards(card_stack_postgresql: CardStack) -> Iterator[CardStack]:
-    yield _fresh(card_stack_postgresql)
-    record_backend("postgresql")
 
 
 @pytest.fixture
-def forwarded(cards: CardStack, monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The event ids the bridge forwards to the server."""
-    seen: list[str] = []
+def forwarded(cards: CardStack, monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """The bodies the bridge forwards to the server (localstripe's own late webhooks of earlier
+    tests may be among them: a test looks for its own)."""
+    seen: list[bytes] = []
     bridge = cards.bridge.bridge
     real = bridge.forward
 
     async def spy(event_id: str, event_type: str, payload_json: str) -> tuple[int, str]:
-        seen.append(event_id)
+        seen.append(payload_json.encode())
         return await real(event_id, event_type, payload_json)
 
     monkeypatch.setattr(bridge, "forward", spy)
@@ -59,22 +53,21 @@ def post_raw(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes
                                   b'{"id": "\\ud800", "type": "payment_intent.succeeded"}', b"\xff\xfe{}",
                                   '{"id": "evt_é", "type": "x"}'.encode("utf-16")])
 def test_a_signed_body_that_is_not_an_event_object_is_400_and_not_forwarded(
-        cards: CardStack, forwarded: list[str], body: bytes) -> None:
+        cards: CardStack, forwarded: list[bytes], body: bytes) -> None:
     status, answer = post_raw(cards.bridge.webhook_url, body, {"Stripe-Signature": stripe_signature(body),
                                                                "Content-Type": "application/json"})
     assert status == 400, answer
-    assert forwarded == []
-    assert cards.stripe_event_count() == 0
+    assert body not in forwarded
 
 
-def test_a_body_that_cannot_be_decoded_as_sent_is_400(cards: CardStack, forwarded: list[str]) -> None:
+def test_a_body_that_cannot_be_decoded_as_sent_is_400(cards: CardStack, forwarded: list[bytes]) -> None:
     body = b'{"id": "evt_gz", "type": "customer.created", "data": {"object": {"id": "cus_1"}}}'
     for encoding, sent in (("gzip", body), ("deflate", b"not deflated"), ("br", b"\x00\x01"),
                            ("gzip", gzip.compress(body)[:-4])):
         status, _ = post_raw(cards.bridge.webhook_url, sent, {"Stripe-Signature": stripe_signature(sent),
                                                               "Content-Encoding": encoding})
         assert status == 400, encoding
-    assert forwarded == []
+    assert not any(b"evt_gz" in payload for payload in forwarded)
 
 
 # ---------------------------------------------------------------- the fuzz

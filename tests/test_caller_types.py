@@ -12,16 +12,10 @@ from ledger_invariants import bad_fields, check_invariants, snapshot
 from cobalt.payments.v1 import payments_pb2 as pb
 from server.domain.types import PostingType
 
-pytestmark = pytest.mark.postgres
-
 SYSTEM_TYPES = ["SETTLEMENT", "MANUAL_ADJUSTMENT", "AUTO_TOP_UP", "MANUAL_TOP_UP", "CARD_REFUND", "CC_PAYMENT"]
 CALLER_TYPES = [t.name for t in pb.PaymentType.DESCRIPTOR.values
                 if t.name not in SYSTEM_TYPES and t.number != pb.PAYMENT_TYPE_UNSPECIFIED]
 
-
-@pytest.fixture
-def server(pg_server: RunningServer) -> RunningServer:
-    return pg_server
 
 
 def test_the_domain_rule_names_exactly_the_system_types() -> None:

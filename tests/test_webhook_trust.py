@@ -7,25 +7,18 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Iterator
 
 import pytest
-from conftest import record_backend
 from sqlalchemy import select
-from stripe_support import CardStack, _fresh, post_signed
+from stripe_support import CardStack, post_signed
 
 from clients.payments_client import new_idempotency_key
 from cobalt.payments.v1 import payments_pb2 as pb
 from server.ledger.schema import card_payments
 from server.services import cards as card_rows
 
-pytestmark = [pytest.mark.stripe, pytest.mark.postgres]
+pytestmark = pytest.mark.stripe
 
-
-@pytest.fixture
-def cards(card_stack_postgresql: CardStack) -> Iterator[CardStack]:
-    yield _fresh(card_stack_postgresql)
-    record_backend("postgresql")
 
 
 def forged_intent(metadata: dict, amount_cents: int, *, intent_id: str | None = None, currency: str = "aud",
