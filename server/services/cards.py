@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
@@ -33,7 +34,7 @@ from server.events.outbox import NewEvent, emit
 from server.ledger import idempotency
 from server.ledger.db import as_utc, utcnow
 from server.ledger.ledger import Leg, NewTransaction, balance_of, book
-from server.ledger.schema import card_payments, member_cards
+from server.ledger.schema import accounts, card_payments, member_cards
 from server.services.pay import PayCommand, new_payment_id, pay_from_balance
 from server.stripe_gateway import Intent, stripe_key
 
@@ -106,17 +107,27 @@ def get(conn: Connection, payment_intent_id: str) -> CardPayment | None:
 
 def start_pending(conn: Connection, ref: str, member_id: int, purpose: str, amount_cents: int, principal: str,
                   pending_request: str | None = None, payment_id: str | None = None,
-                  once: Once | None = None) -> CardPayment | Replayed:
+                  once: Once | None = None,
+                  check: Callable[[Connection], None] | None = None) -> CardPayment | Replayed:
     """The pending row for a PaymentIntent about to be created with Stripe idempotency key `ref`.
     A retry with the same key finds the row written by the first attempt, or (`once`) the stored
-    response of a first attempt that has finished meanwhile."""
+    response of a first attempt that has finished meanwhile. `check` runs before a row is written
+    (not for a retry that finds it), in this transaction, and may refuse it."""
     if once is not None:
         stored = once.stored(conn)
         if stored is not None:
             return Replayed(stored)
     existing = get(conn, placeholder_id(ref))
     if existing is not None:
-        return existing
+        if existing.status != FAILED:
+            return existing
+        # voided by the reconciler (the first attempt never reached Stripe): this retry is the
+        # request again, checked again
+        if check is not None:
+            check(conn)
+        return _claim(conn, existing, PENDING, (FAILED,)) or existing
+    if check is not None:
+        check(conn)
     # insert-or-nothing: a concurrent retry with the same key may have written it first
     conn.execute(insert_or_ignore(card_payments).on_conflict_do_nothing(index_elements=["payment_intent_id"]).values(
         payment_intent_id=placeholder_id(ref), member_id=member_id, purpose=purpose, amount_cents=amount_cents,
@@ -297,11 +308,23 @@ def void(conn: Connection, card: CardPayment, reason: str) -> CardPayment | None
     return _claim(conn, card, FAILED, (PENDING,), reason)
 
 
-def pending_top_ups_cents(conn: Connection, member_id: int) -> int:
-    """Card top-ups of the member still pending: money that may yet lift the balance."""
-    return conn.execute(select(func.coalesce(func.sum(card_payments.c.amount_cents), 0)).where(
-        card_payments.c.member_id == member_id, card_payments.c.status == PENDING,
-        card_payments.c.purpose.in_((MANUAL_TOP_UP, AUTO_TOP_UP)))).scalar_one()
+# Namespace of the transaction-level advisory locks that make a member's top-up checks take turns
+# (the two-key form: it cannot meet the one-key locks of migrations and the outbox).
+_TOP_UP_LOCKS = 0x746F7075  # "topu"
+
+
+def balance_and_pending_top_ups(conn: Connection, member_id: int) -> tuple[int, int]:
+    """The member's balance and card top-ups still pending (money that may yet lift the balance),
+    read after taking the member's top-up lock, held to the end of this transaction: two top-ups
+    started together are checked one after the other, each seeing the other's pending row. One
+    statement, so the two figures are one snapshot (a top-up credited meanwhile is counted once)."""
+    conn.execute(select(func.pg_advisory_xact_lock(_TOP_UP_LOCKS, member_id % 2**31)))
+    pending = (select(func.coalesce(func.sum(card_payments.c.amount_cents), 0))
+               .where(card_payments.c.member_id == member_id, card_payments.c.status == PENDING,
+                      card_payments.c.purpose.in_((MANUAL_TOP_UP, AUTO_TOP_UP))).scalar_subquery())
+    balance = select(accounts.c.balance_cents).where(accounts.c.id == member_account(member_id)).scalar_subquery()
+    row = conn.execute(select(func.coalesce(balance, 0), pending)).one()
+    return int(row[0]), int(row[1])
 
 
 def mark_failed(conn: Connection, card: CardPayment, reason: str, route_code: str = "",
