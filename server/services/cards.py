@@ -300,6 +300,14 @@ def apply_success(conn: Connection, card: CardPayment, intent: Intent, currency:
     return applied
 
 
+def pending_before(conn: Connection, created_before: datetime, limit: int) -> list[CardPayment]:
+    """Card payments still pending that were started before `created_before`, oldest first."""
+    rows = conn.execute(select(card_payments).where(card_payments.c.status == PENDING,
+                                                    card_payments.c.created_at < created_before)
+                        .order_by(card_payments.c.created_at).limit(limit)).all()
+    return [_row(row) for row in rows]
+
+
 def void(conn: Connection, card: CardPayment, reason: str) -> CardPayment | None:
     """A pending card payment that never became a PaymentIntent at Stripe (the create's answer never
     came, and Stripe has none with its key): closed as failed with no event and no change to auto

@@ -9,7 +9,7 @@ from typing import TypeVar
 from sqlalchemy import Connection
 
 from server.domain import validation
-from server.domain.errors import InvalidArgument, NotFound, format_cents
+from server.domain.errors import InvalidArgument, NotFound, Unavailable, format_cents
 from server.domain.money import MAX_TOP_UP_CENTS, MIN_TOP_UP_CENTS
 from server.ledger.db import Database
 from server.services import auto_top_up, cards
@@ -59,8 +59,11 @@ def open_payment_intent(db: Database, gateway: StripeGateway, once: Once, ref: s
     if isinstance(pending, Replayed):
         return pending
     card = db.read(lambda conn: auto_top_up.card_of(conn, member_id))
-    intent = gateway.create_payment_intent(amount_cents, cards.intent_metadata(ref, member_id, purpose), ref,
-                                           card.customer_id if card else "")
+    try:
+        intent = gateway.create_payment_intent(amount_cents, cards.intent_metadata(ref, member_id, purpose), ref,
+                                               card.customer_id if card else "")
+    except Unavailable as exc:  # an unconfirmed PaymentIntent charges nothing, whether or not it was made
+        raise Unavailable(f"{exc.message}; nothing was charged") from exc
 
     def finish(conn: Connection) -> R | Replayed:
         again = once.stored(conn)
