@@ -198,7 +198,7 @@ refunds = Table(
     Column("transaction_id", BigInteger, ForeignKey("transactions.id")),
     Column("principal", String(100), nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
-    Column("stripe_key", String(64), unique=True),  # the refund's Stripe idempotency key (migration 0005)
+    Column("stripe_key", String(64), unique=True),  # the refund's Stripe idempotency key (migration 0006)
 )
 
 fee_settings = Table(
