@@ -216,3 +216,11 @@ def test_settle_dry_run_needs_no_key_but_a_given_key_is_checked() -> None:
     validation.check_text("idempotency_key", "", rule)
     with pytest.raises(InvalidArgument):
         validation.check_text("idempotency_key", "  ", rule)
+
+
+def test_printable_text_breaks_no_rule() -> None:
+    """The check's fast path passes printable text at once: every character a text rule refuses
+    must be one `str.isprintable()` refuses too (else the fast path would let it through)."""
+    refused_by_rules = [cp for cp in range(0x110000) if validation._TEXT_BAD.match(chr(cp))]
+    assert len(refused_by_rules) > 70
+    assert [f"U+{cp:04X}" for cp in refused_by_rules if chr(cp).isprintable()] == []

@@ -14,30 +14,33 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from server.domain import validation
-from server.domain.validation import TextRule
+from server.domain.validation import TextKind, TextRule
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _StringField:
     name: str
     rule: TextRule
     repeated: bool
+    identifier: bool  # rule.kind is IDENTIFIER (read on every call)
+    max_chars: int  # rule.max_chars
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _MessageField:
     name: str
     repeated: bool
     plan: _Plan
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Plan:
     strings: tuple[_StringField, ...]
     messages: tuple[_MessageField, ...]
 
 
 _PLANS: dict[str, _Plan] = {}
+_PLANS_BY_TYPE: dict[type, _Plan] = {}
 
 
 def _is_repeated(field: FieldDescriptor) -> bool:
@@ -52,8 +55,9 @@ def _plan(descriptor: Descriptor) -> _Plan:
     strings, messages = [], []
     for field in descriptor.fields:
         if field.type == FieldDescriptor.TYPE_STRING:
-            strings.append(_StringField(field.name, validation.text_rule(descriptor.name, field.name),
-                                        _is_repeated(field)))
+            rule = validation.text_rule(descriptor.name, field.name)
+            strings.append(_StringField(field.name, rule, _is_repeated(field), rule.kind is TextKind.IDENTIFIER,
+                                        rule.max_chars))
         elif field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type.full_name.startswith("cobalt."):
             nested = _plan(field.message_type)
             if nested.strings or nested.messages:
@@ -74,7 +78,10 @@ def string_fields(descriptor: Descriptor, prefix: str = "") -> list[tuple[str, T
 
 def check_request(request: Message) -> None:
     """Raise InvalidArgument with a field violation for the first string field that breaks its rule."""
-    _check(request, _plan(request.DESCRIPTOR), "")
+    plan = _PLANS_BY_TYPE.get(type(request))
+    if plan is None:
+        plan = _PLANS_BY_TYPE[type(request)] = _plan(request.DESCRIPTOR)
+    _check(request, plan, "")
 
 
 def _check(msg: Message, plan: _Plan, prefix: str) -> None:
@@ -82,10 +89,17 @@ def _check(msg: Message, plan: _Plan, prefix: str) -> None:
         if f.repeated:
             for i, value in enumerate(getattr(msg, f.name)):
                 validation.check_text(f"{prefix}{f.name}[{i}]", value, f.rule)
-        else:
-            value = getattr(msg, f.name)
-            if value or f.rule.required:
+            continue
+        value = getattr(msg, f.name)
+        if not value:
+            if f.rule.required:
                 validation.check_text(prefix + f.name, value, f.rule)
+            continue
+        # the common case, in a few C calls: printable text (no character any rule refuses),
+        # within the limit, and for an identifier not all spaces
+        if value.isprintable() and len(value) <= f.max_chars and not (f.identifier and value.isspace()):
+            continue
+        validation.check_text(prefix + f.name, value, f.rule)  # the rule in full; raises with the reason
     for m in plan.messages:
         if m.repeated:
             for i, item in enumerate(getattr(msg, m.name)):
