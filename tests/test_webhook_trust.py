@@ -5,12 +5,13 @@ server asks Stripe about objects it does not know, and logs each mismatch at err
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 
 import pytest
 from sqlalchemy import select
-from stripe_support import CardStack, post_signed
+from stripe_support import CardStack, post_signed, post_webhook, stripe_signature
 
 from clients.payments_client import new_idempotency_key
 from cobalt.payments.v1 import payments_pb2 as pb
@@ -142,3 +143,16 @@ def test_a_refund_event_for_an_intent_we_did_not_make_moves_nothing(cards: CardS
     status, answer = post_signed(cards.bridge.webhook_url, "charge.refunded", charge)
     assert (status, answer["message"]) == (200, "acknowledged")
     assert money(cards) == before
+
+
+def test_text_people_typed_inside_a_genuine_event_does_not_stop_it(cards: CardStack) -> None:
+    """Stripe's JSON quotes free text raw (a description, a name): the event applies all the same."""
+    started = cards.start_top_up(9, 60_00)
+    genuine = cards.stripe.v1.payment_intents.retrieve(started.payment_intent_id).to_dict()
+    genuine["status"] = "succeeded"
+    genuine["description"] = "Zoë\u2028\u202e\x85 — pasted text\ttab"
+    body = json.dumps({"id": "evt_" + secrets.token_hex(8), "object": "event", "type": "payment_intent.succeeded",
+                       "data": {"object": genuine}}, ensure_ascii=False, indent=2).encode()
+    status, answer = post_webhook(cards.bridge.webhook_url, body, stripe_signature(body))
+    assert (status, answer["message"]) == (200, "applied")
+    assert cards.app.balance_cents(member_id=9) == 60_00

@@ -11,7 +11,9 @@ Three kinds of text:
   CR included), no DEL, no line or paragraph separator, no bidirectional embedding, override or
   isolate control (they can make a statement line read other than it is stored), no BOM or other
   invisible annotation character.
-- MULTILINE (route_payload, a Stripe event's JSON): as TEXT, but TAB, LF and CR are allowed.
+- MULTILINE (route_payload): as TEXT, but TAB, LF and CR are allowed.
+- DOCUMENT (a Stripe event's JSON, forwarded by the bridge): Stripe's own text, which may quote
+  what people typed anywhere; its parser decides what it holds, so only NUL is refused here.
 NUL is refused everywhere (PostgreSQL text cannot hold it).
 """
 
@@ -47,6 +49,7 @@ class TextKind(enum.Enum):
     IDENTIFIER = "identifier"
     TEXT = "text"
     MULTILINE = "multiline"
+    DOCUMENT = "document"
 
 
 @dataclass(frozen=True)
@@ -79,7 +82,7 @@ TEXT_RULES: dict[str, TextRule] = {
     "account_number": TextRule(TextKind.IDENTIFIER, MAX_BANK_FIELD_CHARS, trimmed=True),
     "event_id": TextRule(TextKind.IDENTIFIER, MAX_STRIPE_ID_CHARS, required=True),
     "type": TextRule(TextKind.IDENTIFIER, MAX_STRIPE_ID_CHARS, required=True),
-    "payload_json": TextRule(TextKind.MULTILINE, MAX_STRIPE_PAYLOAD_CHARS, required=True),
+    "payload_json": TextRule(TextKind.DOCUMENT, MAX_STRIPE_PAYLOAD_CHARS, required=True),
 }
 TEXT_RULE_OVERRIDES: dict[tuple[str, str], TextRule] = {
     # a dry run books and records nothing: its key is optional (checked for shape when given)
@@ -103,6 +106,9 @@ def check_text(field: str, value: str, rule: TextRule) -> None:
             raise InvalidArgument.field(field, "contains control or invisible characters")
         if value.isspace():
             raise InvalidArgument.field(field, "is blank")
+    elif rule.kind is TextKind.DOCUMENT:
+        if "\x00" in value:
+            raise InvalidArgument.field(field, "contains a NUL character")
     else:
         bad = (_TEXT_BAD if rule.kind is TextKind.TEXT else _MULTILINE_BAD).search(value)
         if bad is not None:
