@@ -218,3 +218,15 @@ def test_a_payment_intent_nobody_paid_is_cancelled_in_time(stack: CardStack) -> 
     [failed] = stack.outbox("PAYMENT_FAILED")  # the Pay's caller hears it will not happen
     assert failed.member_id == 9
     assert stack.posting_count() == 0
+
+
+def test_a_pending_refunds_key_cannot_be_used_for_another_refund(stack: CardStack, proxy: StripeProxy) -> None:
+    pi = stack.top_up_now(10, 100_00)
+    proxy.down()
+    key = new_idempotency_key()
+    unavailable(lambda: ask_refund(stack, 10, pi, 30_00, key))
+    proxy.up()
+    with pytest.raises(grpc.RpcError) as err:
+        ask_refund(stack, 10, pi, 50_00, key)  # the same key, another request
+    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert stack.app.balance_cents(member_id=10) == 70_00 and len(refund_rows(stack)) == 1

@@ -24,6 +24,7 @@ from sqlalchemy import Connection, func, insert, select, update
 
 from server.domain import validation
 from server.domain.errors import (
+    AlreadyExists,
     DomainError,
     FailedPrecondition,
     InvalidArgument,
@@ -175,6 +176,8 @@ def _hold(conn: Connection, cmd: RefundCommand, ref: str, once: Once) -> Hold | 
         return Replayed(stored)
     existing = _find_hold(conn, ref)
     if existing is not None:
+        if existing.payment_intent_id != cmd.payment_intent_id or existing.amount_cents != cmd.amount_cents:
+            raise AlreadyExists("this idempotency key was already used for another refund; use a new key")
         if existing.status == REVERSED:
             raise FailedPrecondition("this refund was not made (Stripe refused it, or it never reached Stripe): "
                                      "its money was returned to the balance")
