@@ -42,6 +42,7 @@ from rich.table import Table
 from clients import events
 from clients.payments_client import PaymentsClient, account, new_idempotency_key
 from cobalt.payments.v1 import payments_pb2 as pb
+from server.domain.csv_cells import text_cells
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_AUTH, EXIT_UNAVAILABLE, EXIT_CANCELLED = 0, 1, 2, 3, 4, 5
 
@@ -380,15 +381,15 @@ BANK_CSV_COLUMNS = ["BSB", "Account Number", "Account Name", "Amount", "Referenc
 
 
 def write_bank_csv(res: pb.SettleResponse, dest: str) -> None:
-    """The payments to make: one line per organisation, net amount in dollars."""
+    """The payments to make: one line per organisation, net amount in dollars. Text cells cannot run
+    as spreadsheet formulas (an organisation's name is whatever an administrator typed)."""
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(BANK_CSV_COLUMNS)
     for r in res.rows:
-        # a name a spreadsheet would run as a formula gets a leading apostrophe (SPEC §4)
-        name = "'" + r.name if r.name.startswith(("=", "+", "-", "@", "\t", "\r")) else r.name
-        writer.writerow([r.bsb, r.account_number, name, plain_dollars(r.net_cents), r.reference, r.organisation_id,
-                         res.batch_id])
+        bsb, account_number, name, reference, batch = text_cells(r.bsb, r.account_number, r.name, r.reference,
+                                                                  res.batch_id)
+        writer.writerow([bsb, account_number, name, plain_dollars(r.net_cents), reference, r.organisation_id, batch])
     path = Path(dest)
     tmp = path.with_name(f".{path.name}.part")
     tmp.write_text(buf.getvalue())

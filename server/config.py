@@ -49,6 +49,9 @@ class Settings:
     event_poll_interval_ms: int = 1000  # the event stream's fallback poll when no wake-up comes
     shutdown_grace_s: int = 5
     lock_timeout_ms: int = 2_000  # how long a statement waits for a row lock before the request fails
+    reconcile_interval_ms: int = 5_000  # how often pending card operations are settled with Stripe (0: never)
+    reconcile_min_age_s: int = 60  # a pending card operation younger than this belongs to its request
+    card_intent_ttl_s: int = 86_400  # a PaymentIntent nobody paid for this long is cancelled
     event_loop: str = "uvloop"  # or "asyncio" (the standard library's loop)
     grpc_accept_ahead: int = 8  # requests for a method's next call kept open beyond grpc.aio's one (0: off)
     max_in_flight: int = 256  # unary calls handled at once; beyond: RESOURCE_EXHAUSTED at once
@@ -75,6 +78,9 @@ class Settings:
             event_poll_interval_ms=_int("PAYMENTS_EVENT_POLL_INTERVAL_MS", 1000),
             shutdown_grace_s=_int("PAYMENTS_SHUTDOWN_GRACE_S", 5),
             lock_timeout_ms=_int_in("PAYMENTS_LOCK_TIMEOUT_MS", 2_000, 1, 600_000),
+            reconcile_interval_ms=_int_in("PAYMENTS_RECONCILE_INTERVAL_MS", 5_000, 0, 3_600_000),
+            reconcile_min_age_s=_int_in("PAYMENTS_RECONCILE_MIN_AGE_S", 60, 0, 86_400),
+            card_intent_ttl_s=_int_in("PAYMENTS_CARD_INTENT_TTL_S", 86_400, 60, 30 * 86_400),
             event_loop=_choice("PAYMENTS_EVENT_LOOP", ("uvloop", "asyncio")),
             grpc_accept_ahead=_int_in("PAYMENTS_GRPC_ACCEPT_AHEAD", 8, 0, 64),
             aba=aba_from_env(),

@@ -1,7 +1,7 @@
 """The bridge's HTTP server: `POST /stripe/webhook` and `GET /healthz`.
 
-Bad or missing signature, a stale timestamp, or a body that is not a JSON event: 400 and nothing is
-forwarded. Otherwise the raw verified body goes to HandleStripeEvent with the `stripe-bridge` token;
+Bad or missing signature, a stale timestamp, or a body that is not a JSON object with an event's id
+and type (`[1,2,3]`, `null`, `42` included): 400 and nothing is forwarded. Otherwise the raw verified body goes to HandleStripeEvent with the `stripe-bridge` token;
 200 only once the server answered OK (it commits before answering), 5xx when the server is
 unreachable or failing, so that Stripe delivers again. The server dedupes by event id.
 """
@@ -14,6 +14,7 @@ import os
 import time
 from dataclasses import dataclass
 
+import aiohttp.http_exceptions
 import grpc
 from aiohttp import web
 
@@ -107,6 +108,11 @@ class Bridge:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
             return _answer(400, "body too large")
+        except (web.RequestPayloadError, aiohttp.http_exceptions.HttpProcessingError, ValueError) as exc:
+            # a body that cannot be read as sent (a Content-Encoding it does not have, say): the
+            # sender's fault, never the server's, so never a 5xx that Stripe would retry
+            self._log(400, "", "", started, f"unreadable body: {type(exc).__name__}")
+            return _answer(400, "the body cannot be read")
         try:
             event = verify_webhook(body, request.headers.get("Stripe-Signature"), self.config.webhook_secret,
                                    self.config.tolerance_s)

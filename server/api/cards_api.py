@@ -7,12 +7,14 @@ final transaction that books (services.cards.Once). Flows run in the worker pool
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 
 from cobalt.payments.v1 import payments_pb2 as pb
 from server.api.base import ApiBase
-from server.domain.errors import DomainError
-from server.services import auto_top_up, cards, refund, stripe_events, top_up
+from server.domain.errors import DomainError, Unavailable
+from server.services import auto_top_up, cards, reconcile, refund, stripe_events, top_up
 
 log = logging.getLogger("payments.cards")
 
@@ -25,7 +27,51 @@ def auto_top_up_pb(state: auto_top_up.AutoTopUpState) -> pb.AutoTopUpResponse:
                                 topped_up_cents=state.topped_up_cents, balance_cents=state.balance_cents)
 
 
+# While Stripe is unreachable the reconciler waits longer each time, up to this many intervals.
+RECONCILE_MAX_BACKOFF = 60
+
+
 class CardsApi(ApiBase):
+    reconciler: reconcile.Reconciler | None = None
+    _reconciling: asyncio.Task | None = None
+
+    # ---------------------------------------------------------------- the reconciler (background)
+    async def on_server_start(self) -> None:
+        await super().on_server_start()
+        if self.gateway.configured and self.settings.reconcile_interval_ms > 0:
+            interval_s = self.settings.reconcile_interval_ms / 1000
+            self.reconciler = reconcile.Reconciler(self.db, self.gateway, reconcile.Limits(
+                min_age_s=self.settings.reconcile_min_age_s, unpaid_ttl_s=self.settings.card_intent_ttl_s,
+                first_delay_s=interval_s))
+            self._reconciling = asyncio.create_task(self._reconcile_forever(interval_s), name="reconciler")
+
+    async def on_server_stop(self) -> None:
+        if self._reconciling is not None:
+            assert self.reconciler is not None
+            self.reconciler.stopping.set()  # a round in a worker thread ends after its current item
+            self._reconciling.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reconciling
+            self._reconciling = None
+        await super().on_server_stop()
+
+    async def _reconcile_forever(self, interval_s: float) -> None:
+        """Every interval, settle the pending card operations with Stripe; while Stripe is
+        unreachable (or a round fails), wait twice as long each time, up to RECONCILE_MAX_BACKOFF intervals."""
+        assert self.reconciler is not None
+        delay_s = interval_s
+        while True:
+            await asyncio.sleep(delay_s)
+            try:
+                await self.in_thread(self.reconciler.round)
+                delay_s = interval_s
+            except Unavailable as exc:
+                delay_s = min(delay_s * 2, interval_s * RECONCILE_MAX_BACKOFF)
+                log.warning("reconciler: %s; next round in %.1f s", exc.message, delay_s)
+            except Exception:  # noqa: BLE001 - the loop outlives one bad round (a database restart, say)
+                delay_s = min(delay_s * 2, interval_s * RECONCILE_MAX_BACKOFF)
+                log.exception("reconciler round failed; next round in %.1f s", delay_s)
+
     # ---------------------------------------------------------------- manual top-up and card payments
     async def StartTopUp(self, request: pb.StartTopUpRequest, context) -> pb.StartTopUpResponse:  # noqa: ANN001, N802
         def to_pb(r: top_up.TopUpStarted) -> pb.StartTopUpResponse:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -74,11 +74,19 @@ def timestamp(value: datetime | None) -> Timestamp | None:
     return Timestamp(seconds=since.days * 86_400 + since.seconds, nanos=since.microseconds * 1_000)
 
 
+_MICROSECOND = timedelta(microseconds=1)
+
+
 def optional_time(msg, field: str) -> datetime | None:  # noqa: ANN001
+    """A range bound to the microsecond, the precision times are kept to. A finer bound rounds up,
+    for `from` (inclusive) and `to` (exclusive) alike: a line at t is in [t, …) and not in
+    [t + 1 ns, …), and in […, t + 1 ns) but not in […, t)."""
     if not msg.HasField(field):
         return None
+    stamp = getattr(msg, field)
     try:
-        return getattr(msg, field).ToDatetime(tzinfo=UTC)
+        value = stamp.ToDatetime(tzinfo=UTC)  # truncates to the microsecond
+        return value + _MICROSECOND if stamp.nanos % 1_000 else value
     except (ValueError, OverflowError) as exc:
         raise InvalidArgument.field(field, "is not a valid timestamp (years 0001 to 9999)") from exc
 

@@ -1,6 +1,7 @@
 """Cross-cutting work, done once for every call by a guard around each handler of the payments service
-(wrapped at registration: `GuardedRegistration`): authentication and roles, a request id, error
-mapping, and one structured log line (method, principal, status, duration). Never a token."""
+(wrapped at registration: `GuardedRegistration`): authentication and roles, the check of every string
+field of the request (server.api.request_check), a request id, error mapping, and one structured log
+line (method, principal, status, duration). Never a token."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from server.api.auth import SERVICE, Authenticator, Principal, allowed
 from server.api.call_limits import InFlight
 from server.api.call_log import write_call_line
 from server.api.errors import to_status
+from server.api.request_check import check_request
 from server.domain.errors import DomainError
 from server.ledger import db_errors
 
@@ -168,6 +170,7 @@ class _Guard:
             try:
                 await self._enter(call, context)
                 try:
+                    check_request(request)
                     response = await behavior(request, context)
                     answered = True
                     return response
@@ -188,6 +191,7 @@ class _Guard:
             try:
                 await self._enter(call, context)
                 try:
+                    check_request(request)
                     async for item in behavior(request, context):
                         yield item
                 except asyncio.CancelledError:

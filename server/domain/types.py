@@ -24,6 +24,18 @@ class PostingType(enum.StrEnum):
     def display_name(self) -> str:
         return DISPLAY_NAMES[self]
 
+    @property
+    def caller_may_book(self) -> bool:
+        """Whether a caller may book a line of this type (Pay). Settlements and adjustments are an
+        administrator's, top-ups, card payments and card refunds Stripe's: only the system books them."""
+        return self not in SYSTEM_BOOKED
+
+
+SYSTEM_BOOKED = frozenset({
+    PostingType.SETTLEMENT, PostingType.MANUAL_ADJUSTMENT, PostingType.AUTO_TOP_UP, PostingType.MANUAL_TOP_UP,
+    PostingType.CARD_REFUND, PostingType.CC_PAYMENT,
+})
+
 
 DISPLAY_NAMES = {
     PostingType.ENTRY_TO_EVENT: "Entry to an event",

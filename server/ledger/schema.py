@@ -190,7 +190,7 @@ refunds = Table(
     metadata,
     Column("id", BigId, primary_key=True, autoincrement=True),
     Column("payment_intent_id", String(100), ForeignKey("card_payments.payment_intent_id"), nullable=False, index=True),
-    Column("stripe_refund_id", String(100)),
+    Column("stripe_refund_id", String(100)),  # pending_<stripe_key> until Stripe's outcome is known
     Column("amount_cents", BigInteger, nullable=False),
     Column("fee_cents", BigInteger, nullable=False),
     Column("card_amount_cents", BigInteger, nullable=False),
@@ -198,6 +198,7 @@ refunds = Table(
     Column("transaction_id", BigInteger, ForeignKey("transactions.id")),
     Column("principal", String(100), nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("stripe_key", String(64), unique=True),  # the refund's Stripe idempotency key (migration 0006)
 )
 
 fee_settings = Table(

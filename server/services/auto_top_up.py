@@ -13,7 +13,7 @@ from typing import TypeVar
 from sqlalchemy import Connection, insert, select, update
 
 from server.domain import validation
-from server.domain.errors import FailedPrecondition, InvalidArgument
+from server.domain.errors import FailedPrecondition, InvalidArgument, Unavailable
 from server.domain.money import (
     AUTO_TOP_UP_DEFAULT_CENTS,
     AUTO_TOP_UP_MAX_CENTS,
@@ -229,7 +229,8 @@ def charge(db: Database, gateway: StripeGateway, member_id: int, amount_cents: i
     """Charge the saved card off-session for amount_cents, credit it as Auto Top Up, and run
     `then` in the same transaction. A declined card (or one that needs authentication) books
     nothing, sets auto top-up FAILED, emits AUTO_TOP_UP_FAILED and runs `on_fail` in that transaction.
-    Stripe unreachable: Unavailable, nothing booked (the pending row lets a webhook or a retry finish)."""
+    Stripe unreachable: Unavailable, nothing booked; the pending row lets the webhook, the reconciler or
+    a retry finish it."""
     card = db.read(lambda conn: card_of(conn, member_id))
     if card is None or card.status != AutoTopUpStatus.ON or not card.payment_method_id:
         raise FailedPrecondition(f"auto top-up is not on for member {member_id}")
@@ -243,6 +244,10 @@ def charge(db: Database, gateway: StripeGateway, member_id: int, amount_cents: i
                                            cards.intent_metadata(ref, member_id, cards.AUTO_TOP_UP), ref)
     except CardFailed as declined:
         failure = declined
+    except Unavailable as exc:
+        # the charge may have reached Stripe: its pending row stays, and the reconciler settles it
+        raise Unavailable(f"{exc.message}: whether the card was charged is unknown; the top-up stays pending and "
+                          f"is settled with Stripe without a retry (credited if the card was charged)") from exc
     if failure is not None:
         card_failure = failure
 
@@ -259,10 +264,9 @@ def charge(db: Database, gateway: StripeGateway, member_id: int, amount_cents: i
         return db.run(failed)
 
     def succeeded(conn: Connection) -> R:
-        row = cards.bind_intent(conn, ref, intent.id) or cards.adopt(conn, intent.id, intent.metadata,
-                                                                     intent.amount_cents)
+        row = cards.bind_intent(conn, ref, intent.id) or cards.adopt(conn, intent, gateway.currency)
         assert row is not None, "the pending row was written before Stripe was called"
-        return then(conn, cards.apply_success(conn, row, intent.amount_cents))
+        return then(conn, cards.apply_success(conn, row, intent, gateway.currency))
 
     return db.run(succeeded)
 

@@ -13,11 +13,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, delete, select, update
+from sqlalchemy import Connection, delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert as insert_or_ignore
 
 from server.domain.errors import InsufficientFunds, NotFound
@@ -33,9 +34,9 @@ from server.events.outbox import NewEvent, emit
 from server.ledger import idempotency
 from server.ledger.db import as_utc, utcnow
 from server.ledger.ledger import Leg, NewTransaction, balance_of, book
-from server.ledger.schema import card_payments, member_cards
+from server.ledger.schema import accounts, card_payments, member_cards
 from server.services.pay import PayCommand, new_payment_id, pay_from_balance
-from server.stripe_gateway import stripe_key
+from server.stripe_gateway import Intent, stripe_key
 
 log = logging.getLogger("payments.cards")
 
@@ -106,17 +107,27 @@ def get(conn: Connection, payment_intent_id: str) -> CardPayment | None:
 
 def start_pending(conn: Connection, ref: str, member_id: int, purpose: str, amount_cents: int, principal: str,
                   pending_request: str | None = None, payment_id: str | None = None,
-                  once: Once | None = None) -> CardPayment | Replayed:
+                  once: Once | None = None,
+                  check: Callable[[Connection], None] | None = None) -> CardPayment | Replayed:
     """The pending row for a PaymentIntent about to be created with Stripe idempotency key `ref`.
     A retry with the same key finds the row written by the first attempt, or (`once`) the stored
-    response of a first attempt that has finished meanwhile."""
+    response of a first attempt that has finished meanwhile. `check` runs before a row is written
+    (not for a retry that finds it), in this transaction, and may refuse it."""
     if once is not None:
         stored = once.stored(conn)
         if stored is not None:
             return Replayed(stored)
     existing = get(conn, placeholder_id(ref))
     if existing is not None:
-        return existing
+        if existing.status != FAILED:
+            return existing
+        # voided by the reconciler (the first attempt never reached Stripe): this retry is the
+        # request again, checked again
+        if check is not None:
+            check(conn)
+        return _claim(conn, existing, PENDING, (FAILED,)) or existing
+    if check is not None:
+        check(conn)
     # insert-or-nothing: a concurrent retry with the same key may have written it first
     conn.execute(insert_or_ignore(card_payments).on_conflict_do_nothing(index_elements=["payment_intent_id"]).values(
         payment_intent_id=placeholder_id(ref), member_id=member_id, purpose=purpose, amount_cents=amount_cents,
@@ -142,32 +153,66 @@ def bind_intent(conn: Connection, ref: str, payment_intent_id: str) -> CardPayme
     return get(conn, payment_intent_id)
 
 
-def adopt(conn: Connection, payment_intent_id: str, metadata: dict[str, str], amount_cents: int) -> CardPayment | None:
+def mismatch(card: CardPayment, intent: Intent, currency: str) -> str | None:
+    """What differs between a PaymentIntent and the card payment we made it for (None: nothing).
+    Money is credited only for what we asked for: this member, this purpose, this amount, our currency."""
+    if intent.metadata.get("member_id") != str(card.member_id):
+        return f"member {intent.metadata.get('member_id', '')!r}, ours {card.member_id}"
+    if intent.metadata.get("purpose") != card.purpose:
+        return f"purpose {intent.metadata.get('purpose', '')!r}, ours {card.purpose!r}"
+    if intent.amount_cents != card.amount_cents:
+        return f"amount {intent.amount_cents}, ours {card.amount_cents}"
+    if intent.currency != currency.lower():
+        return f"currency {intent.currency!r}, ours {currency.lower()!r}"
+    return None
+
+
+def adopt(conn: Connection, intent: Intent, currency: str) -> CardPayment | None:
     """A top-up PaymentIntent of ours (its metadata says so) that has no row: a second one made for
     one key by a Stripe that ignored the idempotency key (Stripe itself returns the first). Its money
-    is real, so it gets a row and is credited like any top-up: card money is never lost."""
+    is real, so it gets a row and is credited like any top-up: card money is never lost. `intent` is
+    Stripe's own (retrieved or answered by Stripe), never an event's word alone."""
+    metadata = intent.metadata
     ref, purpose, member = metadata.get("cobalt_ref", ""), metadata.get("purpose", ""), metadata.get("member_id", "")
     if not ref or purpose not in (MANUAL_TOP_UP, AUTO_TOP_UP) or not member.isdigit():
         return None
     # only a key this database issued for this member: another deployment sharing the Stripe
     # account sends us its events too, and they are not ours to credit
-    issued = conn.execute(select(card_payments.c.payment_intent_id).where(
+    issued_row = conn.execute(select(card_payments).where(
         card_payments.c.member_id == int(member), card_payments.c.payment_id == ref_payment_id(ref),
         card_payments.c.purpose == purpose)).first()
-    if issued is None:
+    if issued_row is None:
         return None
-    log.warning("card payment %s: adopting a PaymentIntent made twice for one key", payment_intent_id)
+    issued = _row(issued_row)
+    problem = mismatch(issued, intent, currency)
+    if problem is not None:  # a twin is the same request again: anything else is not ours to credit
+        log.error("card payment %s: not adopted, it differs from card payment %s made with its key: %s",
+                  intent.id, issued.payment_intent_id, problem)
+        return None
+    log.warning("card payment %s: adopting a PaymentIntent made twice for one key", intent.id)
     conn.execute(insert_or_ignore(card_payments).on_conflict_do_nothing(index_elements=["payment_intent_id"]).values(
-        payment_intent_id=payment_intent_id, member_id=int(member), purpose=purpose, amount_cents=amount_cents,
+        payment_intent_id=intent.id, member_id=int(member), purpose=purpose, amount_cents=intent.amount_cents,
         status=PENDING, payment_id=new_payment_id(), principal="stripe", created_at=utcnow()))
-    return get(conn, payment_intent_id)
+    return get(conn, intent.id)
 
 
-def find_for_intent(conn: Connection, payment_intent_id: str, metadata: dict[str, str],
-                    amount_cents: int) -> CardPayment | None:
-    """Our row for a PaymentIntent: by its id, else by the key it carries in its metadata."""
-    return (bind_intent(conn, metadata.get("cobalt_ref", ""), payment_intent_id)
-            or adopt(conn, payment_intent_id, metadata, amount_cents))
+def find_for_intent(conn: Connection, intent: Intent, currency: str, *, adopt_twin: bool = True) -> CardPayment | None:
+    """Our row for a PaymentIntent that matches it (`mismatch`): by its id, else by the key it carries
+    in its metadata (the pending row of a create whose answer never came), else adopted (`adopt_twin`).
+    A row that differs is logged at error level and None is answered: nothing is credited for it."""
+    row = get(conn, intent.id)
+    if row is None:
+        ref = intent.metadata.get("cobalt_ref", "")
+        placeholder = get(conn, placeholder_id(ref)) if ref else None
+        if placeholder is None:
+            return adopt(conn, intent, currency) if adopt_twin else None
+        row = placeholder
+    problem = mismatch(row, intent, currency)
+    if problem is not None:
+        log.error("card payment %s: the PaymentIntent %s differs from ours: %s; nothing applied",
+                  row.payment_intent_id, intent.id, problem)
+        return None
+    return bind_intent(conn, intent.metadata.get("cobalt_ref", ""), intent.id) if row.is_placeholder else row
 
 
 def intent_metadata(ref: str, member_id: int, purpose: str) -> dict[str, str]:
@@ -204,14 +249,14 @@ def _claim(conn: Connection, card: CardPayment, status: str, from_statuses: tupl
     return found
 
 
-def apply_success(conn: Connection, card: CardPayment, amount_cents: int) -> Applied:
+def apply_success(conn: Connection, card: CardPayment, intent: Intent, currency: str) -> Applied:
     """Stripe says the PaymentIntent succeeded: credit the card money (once) and, for a card payment
     of a Pay, book the Pay with its PAYMENT_SUCCEEDED event, all in this transaction."""
     member_acct = member_account(card.member_id)
-    if amount_cents != card.amount_cents:
+    problem = mismatch(card, intent, currency)
+    if problem is not None:
         # never credit what we did not ask for; an auditor will want to see this
-        log.error("card payment %s: Stripe amount %s differs from ours %s; not applied", card.payment_intent_id,
-                  amount_cents, card.amount_cents)
+        log.error("card payment %s: %s; not applied", card.payment_intent_id, problem)
         return Applied(card, False, balance_of(conn, member_acct) or 0)
     claimed = _claim(conn, card, SUCCEEDED, (PENDING, FAILED))
     if claimed is None:  # applied already (or concurrently, by the other path)
@@ -253,6 +298,41 @@ def apply_success(conn: Connection, card: CardPayment, amount_cents: int) -> App
     applied.balance_cents = result.balance_cents
     applied.payment_reference = result.reference
     return applied
+
+
+def pending_before(conn: Connection, created_before: datetime, limit: int) -> list[CardPayment]:
+    """Card payments still pending that were started before `created_before`, oldest first."""
+    rows = conn.execute(select(card_payments).where(card_payments.c.status == PENDING,
+                                                    card_payments.c.created_at < created_before)
+                        .order_by(card_payments.c.created_at).limit(limit)).all()
+    return [_row(row) for row in rows]
+
+
+def void(conn: Connection, card: CardPayment, reason: str) -> CardPayment | None:
+    """A pending card payment that never became a PaymentIntent at Stripe (the create's answer never
+    came, and Stripe has none with its key): closed as failed with no event and no change to auto
+    top-up, since nothing was tried at Stripe. The row stays, so a PaymentIntent that still turns up
+    with its key is found (`find_for_intent`) and, if it succeeded, credited."""
+    return _claim(conn, card, FAILED, (PENDING,), reason)
+
+
+# Namespace of the transaction-level advisory locks that make a member's top-up checks take turns
+# (the two-key form: it cannot meet the one-key locks of migrations and the outbox).
+_TOP_UP_LOCKS = 0x746F7075  # "topu"
+
+
+def balance_and_pending_top_ups(conn: Connection, member_id: int) -> tuple[int, int]:
+    """The member's balance and card top-ups still pending (money that may yet lift the balance),
+    read after taking the member's top-up lock, held to the end of this transaction: two top-ups
+    started together are checked one after the other, each seeing the other's pending row. One
+    statement, so the two figures are one snapshot (a top-up credited meanwhile is counted once)."""
+    conn.execute(select(func.pg_advisory_xact_lock(_TOP_UP_LOCKS, member_id % 2**31)))
+    pending = (select(func.coalesce(func.sum(card_payments.c.amount_cents), 0))
+               .where(card_payments.c.member_id == member_id, card_payments.c.status == PENDING,
+                      card_payments.c.purpose.in_((MANUAL_TOP_UP, AUTO_TOP_UP))).scalar_subquery())
+    balance = select(accounts.c.balance_cents).where(accounts.c.id == member_account(member_id)).scalar_subquery()
+    row = conn.execute(select(func.coalesce(balance, 0), pending)).one()
+    return int(row[0]), int(row[1])
 
 
 def mark_failed(conn: Connection, card: CardPayment, reason: str, route_code: str = "",

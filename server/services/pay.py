@@ -35,6 +35,7 @@ class PayCommand:
 
     def validated(self) -> PayCommand:
         validation.positive_id("member_id", self.member_id)
+        validation.caller_payment_type("payment_type", self.payment_type)
         if self.organisation_id is None and self.other_member_id is None:
             raise InvalidArgument.field("payee", "set organisation_id or other_member_id")
         if self.organisation_id is not None:

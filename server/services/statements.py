@@ -13,6 +13,7 @@ from datetime import datetime
 from sqlalchemy import Connection, bindparam, select, text, tuple_
 from sqlalchemy.orm import aliased
 
+from server.domain.csv_cells import FORMULA_LEADS
 from server.domain.errors import InvalidArgument
 from server.domain.types import DISPLAY_NAMES, AccountKind, PostingType, SystemAccount
 from server.ledger.db import as_utc
@@ -181,17 +182,14 @@ def export_csv(conn: Connection, acct_id: int, start: datetime | None, end: date
     return _export_csv_pg(conn, acct_id, start, end, tz_name)
 
 
-FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
-
-
 def _sql_literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
 def _sql_cell(expr: str) -> str:
     """A text cell as a CSV field, always quoted; a cell a spreadsheet would run as a formula gets
-    a leading apostrophe (SPEC §4)."""
-    starts = ", ".join(f"chr({ord(ch)})" for ch in FORMULA_STARTS)
+    a leading apostrophe (SPEC §4): domain.csv_cells's rule, in SQL."""
+    starts = ", ".join(f"chr({ord(ch)})" for ch in FORMULA_LEADS)
     quote = "chr(34)"
     return (f"{quote} || CASE WHEN left({expr}, 1) IN ({starts}) THEN chr(39) ELSE '' END "
             f"|| replace({expr}, {quote}, {quote} || {quote}) || {quote}")
