@@ -36,13 +36,14 @@ def configure(stream) -> None:  # noqa: ANN001 - a text stream
     _stream = stream
 
 
-def write_call_line(method: str, principal: str | None, status: str, duration_ms: float, request_id: str) -> None:
+def write_call_line(method: str, principal: str | None, status: str, duration_ms: float, request_id: str,
+                    level: str = "info") -> None:
     stamp = datetime.now(UTC).isoformat().replace("+00:00", "Z")
-    # what json.dumps writes for this dict, key for key, with only the strings encoded: the line in
-    # half the time (7 against 15 µs on the benchmark machine)
+    # what json.dumps writes for this dict, key for key, with only the strings encoded: cheaper than
+    # json.dumps on the hot path
     line = (f'{{"method": {_string(method)}, "principal": {"null" if principal is None else _string(principal)}, '
             f'"status": {_string(status)}, "duration_ms": {float(duration_ms)!r}, "request_id": {_string(request_id)}, '
-            f'"event": "rpc", "level": "info", "timestamp": "{stamp}"}}\n')
+            f'"event": "rpc", "level": "{level}", "timestamp": "{stamp}"}}\n')
     held = _held_here()
     held.append(line)
     if len(held) > 1:
