@@ -809,7 +809,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         token = load_token(args.token_file)
-        with PaymentsClient(args.target, token, timeout_s=args.timeout) as client:
+        try:
+            client = PaymentsClient(args.target, token, timeout_s=args.timeout)
+        except ValueError as exc:  # TLS files, or plain text off this machine
+            raise CliError(str(exc), EXIT_USAGE) from None
+        with client:
             try:
                 return args.run(client, args)
             except grpc.RpcError as exc:

@@ -260,7 +260,7 @@ def test_migrate_creates_the_schema_and_a_server_may_skip_migrating_at_start(fre
 
 def test_a_busy_port_is_one_line_and_exit_1(fresh_database) -> None:  # noqa: ANN001
     with busy_port() as holder:
-        addr = "127.0.0.1:%d" % holder.getsockname()[1]
+        addr = f"127.0.0.1:{holder.getsockname()[1]}"
         result = run_server(PAYMENTS_DATABASE_URL=fresh_database, PAYMENTS_GRPC_ADDR=addr)
         metrics = run_server(PAYMENTS_DATABASE_URL=fresh_database, PAYMENTS_METRICS_ADDR=addr,
                              PAYMENTS_GRPC_ADDR="127.0.0.1:0")
@@ -276,7 +276,7 @@ def test_a_busy_port_is_one_line_and_exit_1(fresh_database) -> None:  # noqa: AN
 
 def test_make_run_exits_non_zero_naming_the_part_that_failed(fresh_database, tmp_path) -> None:  # noqa: ANN001
     with busy_port() as holder:
-        addr = "127.0.0.1:%d" % holder.getsockname()[1]
+        addr = f"127.0.0.1:{holder.getsockname()[1]}"
         env = clean_env(PAYMENTS_DATABASE_URL=fresh_database, PAYMENTS_GRPC_ADDR=addr,
                         PAYMENTS_AUTH_TOKENS="tok-dev-a=dev:admin", PAYMENTS_METRICS_ADDR="127.0.0.1:0",
                         BRIDGE_HTTP_ADDR="127.0.0.1:0")
