@@ -8,7 +8,7 @@ PROTO := protos/cobalt/payments/v1/payments.proto
 GEN := cobalt/payments/v1/payments_pb2.py
 BUF := node_modules/.bin/buf
 
-.PHONY: venv proto run run-local-stripe test test-fast lint bench bench-quick bench-scale clean
+.PHONY: venv proto proto-check run run-local-stripe test test-fast lint bench bench-quick bench-scale clean
 
 venv: $(STAMP)
 
@@ -37,7 +37,12 @@ run: venv
 run-local-stripe: venv
 	$(PY) -m server.devrun --local-stripe
 
-test: venv $(BUF)
+# the proto as a product: lint clean, and nothing that breaks a client of the last release
+proto-check: $(BUF)
+	$(BUF) lint
+	$(BUF) breaking --against protos-released
+
+test: venv $(BUF) proto-check
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-fast: venv
