@@ -285,3 +285,13 @@ def test_make_run_exits_non_zero_naming_the_part_that_failed(fresh_database, tmp
     assert result.returncode != 0
     assert "make run: the payments server (payments-server) exited with code 1" in result.stderr
     assert f"PAYMENTS_GRPC_ADDR={addr}: the port is in use" in result.stdout
+
+
+def test_keepalive_and_connection_age_options_follow_the_settings() -> None:
+    from server.app import grpc_options
+
+    default = dict(grpc_options(Settings()))
+    assert default["grpc.keepalive_time_ms"] == 30_000 and default["grpc.keepalive_permit_without_calls"] == 1
+    assert default["grpc.max_connection_age_ms"] == 1_800_000 and default["grpc.max_connection_age_grace_ms"] == 300_000
+    ageless = dict(grpc_options(Settings(grpc_max_connection_age_s=0, grpc_keepalive_time_s=120)))
+    assert "grpc.max_connection_age_ms" not in ageless and ageless["grpc.keepalive_time_ms"] == 120_000
