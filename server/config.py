@@ -121,7 +121,7 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(16, ge=1, le=1000)
     db_threads: int = Field(16, ge=1, le=1000)
     event_retention_days: int = Field(30, ge=1, le=3650)
-    event_poll_interval_ms: int = Field(1000, ge=10, le=60_000)  # the event stream's poll when no wake-up comes
+    event_poll_interval_ms: int = Field(1000, ge=10, le=3_600_000)  # the event stream's poll when no wake-up comes
     shutdown_grace_s: int = Field(5, ge=0, le=3600)
     lock_timeout_ms: int = Field(2_000, ge=1, le=600_000)  # how long a statement waits for a row lock
     event_loop: Literal["uvloop", "asyncio"] = "uvloop"  # "asyncio": the standard library's loop

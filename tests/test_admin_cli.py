@@ -286,9 +286,6 @@ def test_readme_buf_curl_settlement(server, app, admin):
 
 # ---------------------------------------------------------------- polish: widths, events tail, options
 
-pg_only = pytest.mark.parametrize("server", [pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True)
-
-
 def _run_admin(target: str, *args: str, columns: int | None = None, timeout_s: float = 60,
                **env_extra: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("PAYMENTS_TOKEN", "COLUMNS", "PAYMENTS_TARGET")}
@@ -299,7 +296,6 @@ def _run_admin(target: str, *args: str, columns: int | None = None, timeout_s: f
 
 
 @e2e
-@pg_only
 def test_money_never_folds_mid_number_at_80_columns(server, app, admin):
     for org_id in (21, 22, 23):
         admin.upsert_organisation(org_id, f"The Very Long Named Bridge Club of District {org_id} Incorporated",
@@ -325,7 +321,6 @@ def test_money_never_folds_mid_number_at_80_columns(server, app, admin):
 
 
 @e2e
-@pg_only
 def test_events_tail_shows_dollars_and_local_time(server, admin):
     env = {k: v for k, v in os.environ.items() if k not in ("PAYMENTS_TOKEN", "COLUMNS", "PAYMENTS_TARGET")}
     env.update(PAYMENTS_TOKEN=TOKENS["admin"], PAYMENTS_TARGET=server.target, PAYMENTS_TIMEZONE="Asia/Kolkata")
@@ -387,7 +382,6 @@ def test_events_tail_exits_4_when_the_server_is_unreachable():
     assert "cannot reach the payments server at 127.0.0.1:1" in res.stderr and "Traceback" not in res.stderr
 
 
-@pg_only
 def test_json_works_after_the_command_too(server, admin, cli_here):
     admin.upsert_organisation(9, "Json Club")
     for args in (["summary", "--json"], ["balances", "--json"], ["organisations", "list", "--json"],

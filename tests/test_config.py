@@ -10,16 +10,14 @@ import os
 import socket
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import uvloop
-from conftest import PG_URL, require_postgres
+from conftest import new_database
 from pydantic import ValidationError
 from sqlalchemy import create_engine, inspect, text
-from sqlalchemy.engine import make_url
 
 from server.app import new_event_loop
 from server.config import ConfigError, Settings
@@ -56,17 +54,11 @@ def error_lines(result: subprocess.CompletedProcess) -> list[str]:
 @pytest.fixture
 def fresh_database() -> Iterator[str]:
     """An empty PostgreSQL database of its own (no migrations), dropped afterwards."""
-    require_postgres()
-    name = f"payments_cfg_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url, drop = new_database()
     try:
-        yield make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
+        yield url
     finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+        drop()
 
 
 def busy_port() -> socket.socket:
