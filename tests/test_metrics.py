@@ -79,6 +79,13 @@ def test_calls_by_method_and_code_and_their_latency(measured) -> None:  # noqa: 
 
 
 def test_pool_group_commit_and_process_metrics(measured) -> None:  # noqa: ANN001
+    before = scrape(measured).get(("payments_group_commit_size_count", ()), 0)
+    with measured.client("admin") as admin, measured.client("app") as app:
+        admin.upsert_organisation(51, "Group Club")
+        admin.adjust(10_00, "credit", member_id=51)
+        app.pay(51, 1_00, organisation_id=51)
+        app.transfer(52, 1_00, from_member_id=51)
+    assert scrape(measured)[("payments_group_commit_size_count", ())] - before == 2, "a Pay and a Transfer"
     metrics.observe_group_size(3)
     metrics.observe_group_size(40)
     samples = scrape(measured)
