@@ -96,10 +96,14 @@ def run_with_local_stripe() -> int:
 
 
 def _failed(name: str, proc: subprocess.Popen) -> int:
-    code = proc.returncode if proc.returncode else 1
+    """The exit code for `make run` once a part stopped by itself: 0 when it stopped cleanly (Ctrl-C
+    reaches every part of the terminal's process group, and one may stop before this process
+    notices), else its code, named on stderr."""
+    if proc.returncode in (0, -signal.SIGINT, -signal.SIGTERM):
+        return 0
     print(f"make run: {name} exited with code {proc.returncode} (its own line above says why); "
           "stopping the rest", file=sys.stderr, flush=True)
-    return code
+    return proc.returncode if proc.returncode > 0 else 1
 
 
 def run_server_and_bridge(env: dict[str, str], children: list[tuple[str, subprocess.Popen]] | None = None,
