@@ -299,7 +299,7 @@ def _run_admin(target: str, *args: str, columns: int | None = None, timeout_s: f
 def test_money_never_folds_mid_number_at_80_columns(server, app, admin):
     for org_id in (21, 22, 23):
         admin.upsert_organisation(org_id, f"The Very Long Named Bridge Club of District {org_id} Incorporated",
-                                  bsb="062-000", account_number="1234567890", minimum_balance_cents=1_000_000_00)
+                                  bsb="062-000", account_number="123456789", minimum_balance_cents=1_000_000_00)
     admin.adjust(9_876_543_21, "credit", member_id=5)
     app.pay(5, 4_321_987_65, organisation_id=21, description="A long description of a large payment")
     admin.adjust(7_654_321_09, "credit", organisation_id=22)
