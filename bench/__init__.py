@@ -1,1 +1,1 @@
-"""The benchmark: `python -m bench.run [--quick]` (see the README, "Performance")."""
+"""The benchmark: `python -m bench.run [--quick]` (see docs/performance.md)."""

@@ -179,8 +179,12 @@ def write_json(results: dict, stem: str) -> Path:
     return path
 
 
-def draw_png(results: dict, stem: str) -> Path:
-    import matplotlib
+def draw_png(results: dict, stem: str) -> Path | None:
+    """The chart, where the bench set (requirements-bench.lock: matplotlib) is installed; else None."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -134,7 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     print(report.table(results))
     for when, p in results["commit_probe"].items():
         print(f"commit probe {when} the scenarios: {report.describe_probe(p)}")
-    print(f"\nwrote {json_path} and {png_path}")
+    if png_path is None:
+        print(f"\nwrote {json_path} (chart: not drawn, matplotlib is in the bench set: make bench)")
+    else:
+        print(f"\nwrote {json_path} and {png_path}")
     print("ledger invariants held after every scenario")
     return 0
 

@@ -33,11 +33,13 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.prompt import Confirm
 from rich.table import Table
+from rich.text import Text
 
 from clients import events
 from clients.payments_client import PaymentsClient, account, new_idempotency_key
@@ -49,9 +51,10 @@ EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_AUTH, EXIT_UNAVAILABLE, EXIT_CANCELLED =
 DEFAULT_TARGET = "127.0.0.1:50051"
 TOKEN_PATH = Path("cobalt-payments") / "token"
 MAX_STATEMENT_LINES = 10_000
-SETTLE_TIMEOUT_S = 600.0  # a batch of many clubs books a few milliseconds per club
-SETTLE_RETRIES = 3  # a real settlement is retried with the same idempotency key when the server was unreachable
-
+SETTLE_TIMEOUT_S = 600.0  # a batch of many clubs takes a while: the real run gets this long
+MAX_CENTS = 2**63 - 1  # what an int64 amount holds; anything larger is a usage error, not a traceback
+MAX_ID = 2**63 - 1
+EVENTS_GIVE_UP_S = 60.0  # `events tail` stops trying to reconnect (exit 4) after this long without a stream
 
 
 def _console(stderr: bool) -> Console:
@@ -98,6 +101,8 @@ def parse_dollars(text: str) -> int:
         raise ValueError(f"{text!r} is not an amount in dollars (like 12.50 or $1,234.56)")
     sign, whole, frac = m.groups()
     cents = int(whole.replace(",", "")) * 100 + int((frac or "0").ljust(2, "0"))
+    if cents > MAX_CENTS:
+        raise ValueError(f"{text!r} is out of range (at most {format_cents(MAX_CENTS)})")
     return -cents if sign else cents
 
 
@@ -201,8 +206,59 @@ def as_json(message: Message) -> str:
     return json_format.MessageToJson(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
 
 
-def money_column(table: Table, title: str) -> None:
-    table.add_column(title, justify="right", overflow="fold")
+MONEY = {"justify": "right", "no_wrap": True}  # an amount is never folded or cut: other columns give way
+
+
+def money_column(table: Table, title: str, **extra: object) -> None:
+    table.add_column(title, **MONEY, **extra)  # type: ignore[arg-type]
+
+
+NARROWEST_TEXT_COLUMN = 6  # a text column may be squeezed to this and fold; an amount never is
+
+
+def _needed_width(table: Table) -> int:
+    """The narrowest the table can be with every no-wrap cell (amounts, ids) whole."""
+    total = 1  # the right-hand border
+    for column in table.columns:
+        if column.no_wrap:
+            texts = [column.header, column.footer, *column.cells]
+            width = max((Text.from_markup(t).cell_len if isinstance(t, str) else 0 for t in texts), default=0)
+        else:
+            width = max(NARROWEST_TEXT_COLUMN, column.min_width or 0)
+        total += width + 3  # padding on both sides and a border
+    return total
+
+
+def show(table: Table, console: Console | None = None) -> None:
+    """Print `table` as it is when every amount fits whole at the console's width (text columns fold
+    instead); otherwise (a narrow terminal, many columns) as one small two-column table per row, so
+    that no amount is ever folded or cut."""
+    console = console or out
+    if _needed_width(table) <= console.width:
+        console.print(table)
+        return
+    if table.title:
+        console.print(table.title, style="italic")
+    headers = [str(column.header) for column in table.columns]
+    for row in range(table.row_count):
+        card = Table(show_header=False, box=box.SIMPLE, padding=(0, 1))
+        card.add_column(style="bold", overflow="fold")
+        card.add_column(overflow="fold")
+        for header, column in zip(headers, table.columns, strict=True):
+            cell = list(column.cells)[row]
+            if header or cell:
+                card.add_row(header, cell)
+        console.print(card)
+    totals = [(str(column.header), column.footer) for column in table.columns if column.footer]
+    if table.show_footer and totals:
+        card = Table(show_header=False, box=box.SIMPLE, padding=(0, 1), title="Total")
+        card.add_column(style="bold", overflow="fold")
+        card.add_column(overflow="fold")
+        for header, footer in totals[1:]:  # the first footer is the word "Total"
+            card.add_row(header, footer)
+        console.print(card)
+    if table.caption:
+        console.print(table.caption, style="dim")
 
 
 def confirm(question: str, assume_yes: bool) -> None:
@@ -237,7 +293,7 @@ def cmd_balance(client: PaymentsClient, args: argparse.Namespace) -> int:
         return EXIT_OK
     table = Table(title=f"{label} {bal.name}".strip(), show_header=False)
     table.add_column(style="bold")
-    table.add_column(justify="right")
+    table.add_column(**MONEY)  # type: ignore[arg-type]
     table.add_row("Balance", format_cents(bal.balance_cents))
     if args.member is not None:
         status = pb.AutoTopUpStatus.Name(bal.auto_top_up_status).removeprefix("AUTO_TOP_UP_STATUS_")
@@ -245,7 +301,7 @@ def cmd_balance(client: PaymentsClient, args: argparse.Namespace) -> int:
         if bal.auto_top_up_amount_cents:
             table.add_row("Auto top-up amount", format_cents(bal.auto_top_up_amount_cents))
     table.add_row("Last movement", show_time(bal.last_movement_at) or "never")
-    out.print(table)
+    show(table)
     return EXIT_OK
 
 
@@ -310,11 +366,11 @@ def cmd_statement(client: PaymentsClient, args: argparse.Namespace) -> int:
                   caption=(f"opening {format_cents(first.opening_balance_cents)} · closing "
                            f"{format_cents(first.closing_balance_cents)}"
                            + (f" · first {len(collected)} lines (more: --limit or --csv)" if token else "")))
-    table.add_column("Date", overflow="fold")
+    table.add_column("Date", overflow="fold", min_width=10)  # the date whole, the time below it
     table.add_column("Reference", overflow="fold")
-    table.add_column("Type")
-    table.add_column("Description")
-    table.add_column("Counterparty")
+    table.add_column("Type", overflow="fold")
+    table.add_column("Description", overflow="fold")
+    table.add_column("Counterparty", overflow="fold")
     money_column(table, "Amount")
     money_column(table, "Balance")
     for line in collected:
@@ -324,16 +380,13 @@ def cmd_statement(client: PaymentsClient, args: argparse.Namespace) -> int:
         amount = format_cents(line.amount_cents)
         table.add_row(show_time(line.time), line.reference, line.type_name, line.description, who,
                       f"[red]{amount}[/]" if line.amount_cents < 0 else amount, format_cents(line.balance_after_cents))
-    out.print(table)
+    show(table)
     return EXIT_OK
 
 
 def cmd_adjust(client: PaymentsClient, args: argparse.Namespace) -> int:
     which, label = account_of(args)
-    try:
-        cents = parse_dollars(args.amount)
-    except ValueError as exc:
-        raise CliError(str(exc), EXIT_USAGE) from exc
+    cents = args.amount
     if cents == 0:
         raise CliError("the amount must not be zero", EXIT_USAGE)
     confirm(f"Adjust {label} by {format_cents(cents)} ({args.description!r})?", args.yes)
@@ -350,17 +403,16 @@ def cmd_adjust(client: PaymentsClient, args: argparse.Namespace) -> int:
 
 def settlement_table(res: pb.SettleResponse, title: str) -> Table:
     table = Table(title=title, show_footer=True)
-    table.add_column("Org", footer="Total", justify="right")
-    table.add_column("Name", footer=f"{len(res.rows)} orgs")
+    table.add_column("Org", footer="Total", justify="right", no_wrap=True)
+    table.add_column("Name", footer=f"{len(res.rows)} orgs", overflow="fold")
     table.add_column("BSB", overflow="fold")
     table.add_column("Account", overflow="fold")
-    money = {"justify": "right", "overflow": "fold"}  # money is never cut short: it folds
-    table.add_column("Minimum", **money)
-    table.add_column("Gross", footer=format_cents(res.total_gross_cents), **money)
-    table.add_column("Fee %", justify="right", overflow="fold")
-    table.add_column("Fee", footer=format_cents(res.total_fee_cents), **money)
-    table.add_column("GST", footer=format_cents(res.total_gst_cents), **money)
-    table.add_column("Net", footer=format_cents(res.total_net_cents), **money)
+    money_column(table, "Minimum")
+    money_column(table, "Gross", footer=format_cents(res.total_gross_cents))
+    table.add_column("Fee %", justify="right", no_wrap=True)
+    money_column(table, "Fee", footer=format_cents(res.total_fee_cents))
+    money_column(table, "GST", footer=format_cents(res.total_gst_cents))
+    money_column(table, "Net", footer=format_cents(res.total_net_cents))
     problems = any(r.bank_details_problem for r in res.rows)
     if problems:
         table.add_column("Bank details", overflow="fold")
@@ -408,18 +460,12 @@ def write_file(dest: str, data: bytes) -> None:
 
 
 def _settle_for_real(client: PaymentsClient, dry: pb.SettleResponse, key: str) -> pb.SettleResponse:
+    """The real run, on the balances the dry run showed. A server that was unreachable is asked again
+    by gRPC itself (the channel's retryPolicy) with the same key: it settles once however often the
+    request arrives."""
     expected = {r.organisation_id: r.balance_cents for r in dry.rows}
-    for attempt in range(SETTLE_RETRIES + 1):
-        try:
-            return client.settle(list(expected), expected_balances=expected, idempotency_key=key,
-                                 timeout_s=max(client.timeout_s, SETTLE_TIMEOUT_S))
-        except grpc.RpcError as exc:
-            if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt == SETTLE_RETRIES:
-                raise
-            # same key: the server settles once however often the request arrives
-            err.print(f"[yellow]the server was unreachable; retrying with the same key ({attempt + 1})[/]")
-            time.sleep(2**attempt)
-    raise AssertionError("unreachable")
+    return client.settle(list(expected), expected_balances=expected, idempotency_key=key,
+                         timeout_s=max(client.timeout_s, SETTLE_TIMEOUT_S))
 
 
 def cmd_settle(client: PaymentsClient, args: argparse.Namespace) -> int:
@@ -440,8 +486,8 @@ def cmd_settle(client: PaymentsClient, args: argparse.Namespace) -> int:
         out.print_json(as_json(dry))
         return EXIT_OK
     # with --json, stdout carries only JSON: the table to confirm goes to stderr
-    (err if args.json else out).print(
-        settlement_table(dry, f"Settlement (dry run) at default fee {format_bp(dry.default_fee_bp)}"))
+    show(settlement_table(dry, f"Settlement (dry run) at default fee {format_bp(dry.default_fee_bp)}"),
+         err if args.json else out)
     unpayable = [r for r in dry.rows if r.bank_details_problem]
     for r in unpayable:
         err.print(f"[red]cannot be paid:[/] organisation {r.organisation_id} ({escape(r.name)}): "
@@ -468,7 +514,7 @@ def cmd_settle(client: PaymentsClient, args: argparse.Namespace) -> int:
     if args.json:
         out.print_json(as_json(res))
     else:
-        out.print(settlement_table(res, f"Settled: batch {res.batch_id or '(nothing settled)'}"))
+        show(settlement_table(res, f"Settled: batch {res.batch_id or '(nothing settled)'}"))
         for r in res.rows:
             out.print(f"  {r.organisation_id} {r.name}: {r.reference}")
     changed = [r for r in res.rows if r.balance_changed]
@@ -494,7 +540,7 @@ def cmd_summary(client: PaymentsClient, args: argparse.Namespace) -> int:
         return EXIT_OK
     table = Table(title="Cobalt Payments", show_header=False)
     table.add_column(style="bold")
-    table.add_column(justify="right")
+    table.add_column(**MONEY)  # type: ignore[arg-type]
     table.add_row("Members with a balance", f"{s.members_with_balance:,}")
     table.add_row("Members' balances", format_cents(s.member_balances_cents))
     table.add_row("Organisations with a balance", f"{s.organisations_with_balance:,}")
@@ -507,7 +553,7 @@ def cmd_summary(client: PaymentsClient, args: argparse.Namespace) -> int:
         table.add_row(f"System account {b.account}", format_cents(b.balance_cents))
     table.add_row("Ledger sum", "[green]$0.00 (balanced)[/]" if s.ledger_sum_cents == 0
                   else f"[red]{format_cents(s.ledger_sum_cents)}[/]")
-    out.print(table)
+    show(table)
     return EXIT_OK
 
 
@@ -536,26 +582,26 @@ def cmd_balances(client: PaymentsClient, args: argparse.Namespace) -> int:
         return EXIT_OK
     caption = f"{count:,} accounts" + (f", first {len(rows):,} shown (--limit)" if len(rows) < count else "")
     table = Table(title="Balances", caption=caption, show_footer=True)
-    table.add_column("Kind", footer="Total")
-    table.add_column("Id", justify="right")
-    table.add_column("Name")
-    table.add_column("Balance", justify="right", footer=format_cents(total), overflow="fold")
+    table.add_column("Kind", footer="Total", overflow="fold")
+    table.add_column("Id", justify="right", no_wrap=True)
+    table.add_column("Name", overflow="fold")
+    money_column(table, "Balance", footer=format_cents(total))
     for r in rows:
         kind_name = pb.AccountKind.Name(r.kind).lower()
         table.add_row(kind_name, r.system_account or str(r.id), r.name, format_cents(r.balance_cents))
-    out.print(table)
+    show(table)
     return EXIT_OK
 
 
 def organisations_table(orgs: Iterable[pb.Organisation], default_fee_bp: int | None) -> Table:
     table = Table(title="Organisations")
-    table.add_column("Id", justify="right")
-    table.add_column("Name")
+    table.add_column("Id", justify="right", no_wrap=True)
+    table.add_column("Name", overflow="fold")
     table.add_column("BSB", overflow="fold")
     table.add_column("Account", overflow="fold")
-    table.add_column("Minimum", justify="right", overflow="fold")
+    money_column(table, "Minimum")
     table.add_column("Fee", justify="right", overflow="fold")
-    table.add_column("Balance", justify="right", overflow="fold")
+    money_column(table, "Balance")
     for o in orgs:
         if o.HasField("settlement_fee_bp"):
             fee = format_bp(o.settlement_fee_bp)
@@ -577,7 +623,7 @@ def cmd_organisations(client: PaymentsClient, args: argparse.Namespace) -> int:
         if args.json:
             out.print_json(as_json(pb.ListOrganisationsResponse(organisations=orgs)))
             return EXIT_OK
-        out.print(organisations_table(orgs, client.get_fee_settings().current.settlement_fee_bp))
+        show(organisations_table(orgs, client.get_fee_settings().current.settlement_fee_bp))
         return EXIT_OK
     if args.org_command == "show":
         org = _find_organisation(client, args.organisation_id)
@@ -586,18 +632,14 @@ def cmd_organisations(client: PaymentsClient, args: argparse.Namespace) -> int:
         if args.json:
             out.print_json(as_json(org))
         else:
-            out.print(organisations_table([org], client.get_fee_settings().current.settlement_fee_bp))
+            show(organisations_table([org], client.get_fee_settings().current.settlement_fee_bp))
         return EXIT_OK
     # upsert: what is not given keeps its current value
     current = _find_organisation(client, args.organisation_id)
     name = args.name if args.name is not None else (current.name if current else None)
     if not name:
         raise CliError(f"organisation {args.organisation_id} is new: give --name", EXIT_USAGE)
-    try:
-        minimum = (parse_dollars(args.minimum) if args.minimum is not None
-                   else (current.minimum_balance_cents if current else 0))
-    except ValueError as exc:
-        raise CliError(str(exc), EXIT_USAGE) from exc
+    minimum = args.minimum if args.minimum is not None else (current.minimum_balance_cents if current else 0)
     if args.default_fee:
         fee_bp = None
     elif args.fee_bp is not None:
@@ -614,19 +656,19 @@ def cmd_organisations(client: PaymentsClient, args: argparse.Namespace) -> int:
         out.print_json(as_json(org))
     else:
         out.print(f"{'updated' if current else 'registered'} organisation {org.organisation_id}")
-        out.print(organisations_table([org], None))
+        show(organisations_table([org], None))
     return EXIT_OK
 
 
 def fees_table(items: Iterable[pb.FeeSettings], title: str) -> Table:
     table = Table(title=title)
-    table.add_column("Version", justify="right")
-    table.add_column("Settlement fee", justify="right")
-    table.add_column("Refund fee", justify="right")
-    table.add_column("Stripe cost", justify="right")
-    table.add_column("Low balance", justify="right")
-    table.add_column("From")
-    table.add_column("Set by")
+    table.add_column("Version", justify="right", no_wrap=True)
+    table.add_column("Settlement fee", justify="right", no_wrap=True)
+    table.add_column("Refund fee", justify="right", no_wrap=True)
+    table.add_column("Stripe cost", justify="right", overflow="fold")
+    money_column(table, "Low balance")
+    table.add_column("From", overflow="fold")
+    table.add_column("Set by", overflow="fold")
     for s in items:
         table.add_row(str(s.version), format_bp(s.settlement_fee_bp), format_bp(s.refund_fee_bp),
                       f"{format_cents(s.stripe_cost_per_transaction_cents)} + {format_bp(s.stripe_cost_bp)}",
@@ -640,67 +682,120 @@ def cmd_fees(client: PaymentsClient, args: argparse.Namespace) -> int:
         if args.json:
             out.print_json(as_json(got))
         else:
-            out.print(fees_table([got.current], "Fee settings now"))
+            show(fees_table([got.current], "Fee settings now"))
             if len(got.history) > 1:
-                out.print(fees_table(got.history, "History (newest first)"))
+                show(fees_table(got.history, "History (newest first)"))
         return EXIT_OK
     changes: dict[str, int] = {}
     for name in ("settlement_fee_bp", "refund_fee_bp", "stripe_cost_bp", "stripe_cost_per_transaction_cents"):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
     if args.low_balance is not None:
-        try:
-            changes["low_balance_limit_cents"] = parse_dollars(args.low_balance)
-        except ValueError as exc:
-            raise CliError(str(exc), EXIT_USAGE) from exc
+        changes["low_balance_limit_cents"] = args.low_balance
     if not changes:
         raise CliError("give at least one setting to change (see payments-admin fees set --help)", EXIT_USAGE)
     new = client.set_fee_settings(idempotency_key=args.key or new_idempotency_key(), **changes)
     if args.json:
         out.print_json(as_json(new))
     else:
-        out.print(fees_table([new], "New fee settings"))
+        show(fees_table([new], "New fee settings"))
     return EXIT_OK
 
 
+def event_line(event: pb.Event) -> str:
+    """One event as the other commands show things: dollars, and the time in PAYMENTS_TIMEZONE."""
+    fields = {
+        "route": event.route_code, "member": event.member_id, "organisation": event.organisation_id,
+        "other member": event.other_member_id, "payment": event.payment_id, "ref": event.reference,
+        "reason": event.reason, "event": event.event_id, "session": event.session_id,
+    }
+    parts = [f"{name} {value}" for name, value in fields.items() if value]
+    if event.amount_cents:
+        parts.append(f"amount {format_cents(event.amount_cents)}")
+    if event.balance_cents:
+        parts.append(f"balance {format_cents(event.balance_cents)}")
+    if event.route_payload:
+        parts.append(f"payload {event.route_payload!r}")
+    kind = pb.EventKind.Name(event.kind)
+    return f"{event.sequence:>10}  {show_time(event.time) or '-':<19}  {kind:<18} " + "  ".join(parts)
+
+
 def cmd_events(client: PaymentsClient, args: argparse.Namespace) -> int:
-    """Follow the event stream (clients/events.py), one line or one JSON object per event."""
+    """Follow the event stream (clients/events.py), one line or one JSON object per event. A broken
+    stream is resumed after the last event shown, saying so on stderr; a server that cannot be
+    reached (at the start, or for EVENTS_GIVE_UP_S) ends it with exit code 4."""
+
+    def reconnecting(exc: grpc.RpcError, delay_s: float, attempt: int) -> None:
+        err.print(f"[yellow]the stream broke ({exc.code().name}: {escape(exc.details() or '')}); reconnecting in "
+                  f"{delay_s:g} s (attempt {attempt})[/]")
+
     stream = events.tail(client, route_codes=args.route, kinds=args.kind, after_sequence=args.after,
-                         consumer=args.consumer or "")
+                         consumer=args.consumer or "", give_up_after_s=EVENTS_GIVE_UP_S,
+                         on_reconnect=reconnecting)
     try:
-        events.print_events(stream, sys.stdout, as_json=args.json)
+        events.print_events(stream, sys.stdout, as_json=args.json, line=event_line)
     except KeyboardInterrupt:
         pass
+    except ValueError as exc:  # an unknown kind
+        raise CliError(str(exc), EXIT_USAGE) from None
     return EXIT_OK
 
 
 # ---------------------------------------------------------------- arguments
 
-def _positive_int(text: str) -> int:
+def _whole(text: str, what: str) -> int:
     try:
         value = int(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from exc
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of {what}") from None
+    if abs(value) > MAX_ID:
+        raise argparse.ArgumentTypeError(f"{text} is out of range")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = _whole(text, "units")
     if value <= 0:
-        raise argparse.ArgumentTypeError("must be a positive id")
+        raise argparse.ArgumentTypeError(f"{text} is not positive")
+    return value
+
+
+def _sequence(text: str) -> int:
+    value = _whole(text, "events")
+    if value < -1:
+        raise argparse.ArgumentTypeError("a sequence is -1 (only new events), 0 (from the start) or positive")
     return value
 
 
 def _bp(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of basis points (225 = 2.25%)") from exc
+    value = _whole(text, "basis points (225 = 2.25%)")
     if not 0 <= value <= 10_000:
         raise argparse.ArgumentTypeError("basis points are between 0 and 10000 (225 = 2.25%)")
     return value
 
 
 def _cents(text: str) -> int:
+    value = _whole(text, "cents")
+    if not 0 <= value <= 2**31 - 1:
+        raise argparse.ArgumentTypeError(f"{text} is out of range (0 to {2**31 - 1} cents)")
+    return value
+
+
+def _dollars(text: str) -> int:
+    """An amount in dollars, as cents; a usage error (exit 2) when it is not one or is out of range."""
     try:
-        value = int(text)
+        return parse_dollars(text)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of cents") from exc
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value <= 86_400:
+        raise argparse.ArgumentTypeError("between 0 and 86400 seconds")
     return value
 
 
@@ -710,26 +805,41 @@ def _account_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--org", type=_positive_int, metavar="ID", help="an organisation's account")
 
 
+def _output_options() -> argparse.ArgumentParser:
+    """--json, accepted before the command and after it alike."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print the server's answer as JSON instead of tables")
+    return parent
+
+
 def build_parser() -> argparse.ArgumentParser:
+    output = _output_options()
     parser = argparse.ArgumentParser(
         prog="payments-admin",
         description="Administer Cobalt Payments: balances, statements, adjustments, settlements, fees.",
         epilog="Token: --token-file, else PAYMENTS_TOKEN, else ~/.config/cobalt-payments/token. Server: "
-               "PAYMENTS_TARGET (default 127.0.0.1:50051). Exit codes: 0 ok, 1 refused by the server, 2 usage, "
-               "3 token or permission, 4 server unreachable, 5 cancelled.",
+               "PAYMENTS_TARGET (default 127.0.0.1:50051); TLS: PAYMENTS_TLS_CA_FILE, and for mutual TLS "
+               "PAYMENTS_TLS_CLIENT_CERT_FILE and PAYMENTS_TLS_CLIENT_KEY_FILE. Times are in PAYMENTS_TIMEZONE. "
+               "Exit codes: 0 ok, 1 refused by the server, 2 usage, 3 token or permission, 4 server unreachable, "
+               "5 cancelled.",
     )
     parser.add_argument("--target", default=os.environ.get("PAYMENTS_TARGET") or DEFAULT_TARGET,
                         help="host:port of the payments server (env PAYMENTS_TARGET)")
     parser.add_argument("--token-file", metavar="FILE", help="read the bearer token from FILE")
-    parser.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS", help="per call (default 30)")
-    parser.add_argument("--json", action="store_true", help="print the server's answer as JSON instead of tables")
+    parser.add_argument("--timeout", type=_seconds, default=30.0, metavar="SECONDS", help="per call (default 30)")
+    parser.add_argument("--json", action="store_true", default=False,
+                        help="print the server's answer as JSON instead of tables (before or after the command)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("balance", help="an account's balance")
+    def command(name: str, help_: str, parent: argparse._SubParsersAction = sub) -> argparse.ArgumentParser:
+        return parent.add_parser(name, help=help_, description=help_, parents=[output])
+
+    p = command("balance", "an account's balance")
     _account_args(p)
     p.set_defaults(run=cmd_balance)
 
-    p = sub.add_parser("statement", help="an account's statement (table, or --csv FILE)")
+    p = command("statement", "an account's statement (table, or --csv FILE)")
     _account_args(p)
     p.add_argument("--from", dest="start", metavar="WHEN", help="from this date or time (inclusive)")
     p.add_argument("--to", dest="end", metavar="WHEN", help="up to this date or time (exclusive)")
@@ -737,71 +847,79 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", metavar="FILE", help="export the whole range as CSV to FILE ('-' for stdout)")
     p.set_defaults(run=cmd_statement)
 
-    p = sub.add_parser("adjust", help="a manual adjustment (asks to confirm)")
+    p = command("adjust", "a manual adjustment (asks to confirm)")
     _account_args(p)
-    p.add_argument("amount", help="dollars, e.g. 25.00 or -12.50")
+    p.add_argument("amount", type=_dollars, metavar="DOLLARS", help="dollars, e.g. 25.00 or -12.50 (not zero)")
     p.add_argument("--description", "-d", required=True, help="why (shown on the statement)")
     p.add_argument("--key", help="idempotency key (to retry safely from a script)")
     p.add_argument("--yes", "-y", action="store_true", help="do not ask")
     p.set_defaults(run=cmd_adjust)
 
-    p = sub.add_parser("settle", help="settle organisations: dry run, confirm, settle")
+    p = command("settle", "settle organisations: dry run, confirm, settle")
     p.add_argument("organisation_ids", nargs="*", type=_positive_int, metavar="ORG_ID",
                    help="organisations to settle (none: every eligible one)")
     p.add_argument("--dry-run", action="store_true", help="show the table only")
     p.add_argument("--yes", "-y", action="store_true", help="do not ask (for scripts)")
     p.add_argument("--bank-csv", metavar="FILE", help="write the payments to make to FILE")
     p.add_argument("--aba", metavar="FILE", help="write the ABA (Direct Entry) file for the bank to FILE")
-    p.add_argument("--key", help="idempotency key of the real run")
+    p.add_argument("--key", help="idempotency key of the real run (to retry safely from a script)")
     p.set_defaults(run=cmd_settle)
 
-    p = sub.add_parser("summary", help="liabilities, card money, system accounts")
+    p = command("summary", "liabilities, card money, system accounts")
     p.set_defaults(run=cmd_summary)
 
-    p = sub.add_parser("balances", help="who holds what")
+    p = command("balances", "who holds what")
     p.add_argument("--kind", choices=sorted(_KIND_ARGS), default="all",
                    help="all (members and organisations), members, organisations or system")
-    p.add_argument("--include-zero", action="store_true")
+    p.add_argument("--include-zero", action="store_true", help="list accounts whose balance is $0.00 too")
     p.add_argument("--limit", type=_positive_int, default=1000, help="rows to show (default 1000)")
     p.set_defaults(run=cmd_balances)
 
-    p = sub.add_parser("organisations", help="list, show or register organisations")
+    p = command("organisations", "list, show or register organisations")
     osub = p.add_subparsers(dest="org_command", required=True, metavar="ACTION")
-    osub.add_parser("list", help="every organisation")
-    show = osub.add_parser("show", help="one organisation")
-    show.add_argument("organisation_id", type=_positive_int)
-    up = osub.add_parser("upsert", help="register or update (what is not given is kept)")
-    up.add_argument("organisation_id", type=_positive_int)
-    up.add_argument("--name")
-    up.add_argument("--bsb", help="123-456")
-    up.add_argument("--account-number")
-    up.add_argument("--minimum", metavar="DOLLARS", help="minimum balance after settlement")
+    command("list", "every organisation", osub)
+    show = command("show", "one organisation", osub)
+    show.add_argument("organisation_id", type=_positive_int, metavar="ORG_ID", help="the organisation's id")
+    up = command("upsert", "register or update (what is not given is kept)", osub)
+    up.add_argument("organisation_id", type=_positive_int, metavar="ORG_ID", help="the organisation's id")
+    up.add_argument("--name", help="its name (required for a new organisation)")
+    up.add_argument("--bsb", help="bank BSB, 123-456")
+    up.add_argument("--account-number", help="bank account number")
+    up.add_argument("--minimum", type=_dollars, metavar="DOLLARS", help="minimum balance after settlement")
     fee = up.add_mutually_exclusive_group()
     fee.add_argument("--fee-bp", type=_bp, help="settlement fee override in basis points (225 = 2.25%%)")
     fee.add_argument("--default-fee", action="store_true", help="remove the override")
-    up.add_argument("--key", help="idempotency key")
+    up.add_argument("--key", help="idempotency key (to retry safely from a script)")
     p.set_defaults(run=cmd_organisations)
 
-    p = sub.add_parser("fees", help="show or set the fee settings")
+    p = command("fees", "show or set the fee settings")
     fsub = p.add_subparsers(dest="fees_command", required=True, metavar="ACTION")
-    fsub.add_parser("show", help="current settings and history")
-    fs = fsub.add_parser("set", help="a new version; what is not given is kept")
-    fs.add_argument("--settlement-bp", dest="settlement_fee_bp", type=_bp)
-    fs.add_argument("--refund-bp", dest="refund_fee_bp", type=_bp)
-    fs.add_argument("--stripe-bp", dest="stripe_cost_bp", type=_bp)
-    fs.add_argument("--stripe-cents", dest="stripe_cost_per_transaction_cents", type=_cents)
-    fs.add_argument("--low-balance", metavar="DOLLARS")
-    fs.add_argument("--key", help="idempotency key")
+    command("show", "current settings and history", fsub)
+    fs = command("set", "a new version; what is not given is kept", fsub)
+    fs.add_argument("--settlement-bp", dest="settlement_fee_bp", type=_bp, metavar="BP",
+                    help="default settlement fee in basis points (200 = 2.00%%)")
+    fs.add_argument("--refund-bp", dest="refund_fee_bp", type=_bp, metavar="BP",
+                    help="fee on a member's card refund, in basis points")
+    fs.add_argument("--stripe-bp", dest="stripe_cost_bp", type=_bp, metavar="BP",
+                    help="Stripe's percentage per card payment, in basis points")
+    fs.add_argument("--stripe-cents", dest="stripe_cost_per_transaction_cents", type=_cents, metavar="CENTS",
+                    help="Stripe's fixed cost per card payment, in cents")
+    fs.add_argument("--low-balance", type=_dollars, metavar="DOLLARS",
+                    help="balance under which a LOW_BALANCE event is sent")
+    fs.add_argument("--key", help="idempotency key (to retry safely from a script)")
     p.set_defaults(run=cmd_fees)
 
-    p = sub.add_parser("events", help="the event stream")
+    p = command("events", "the event stream")
     esub = p.add_subparsers(dest="events_command", required=True, metavar="ACTION")
-    tail = esub.add_parser("tail", help="follow events (Ctrl-C stops)")
-    tail.add_argument("--route", action="append", default=[], help="route code (repeatable)")
-    tail.add_argument("--kind", action="append", default=[], choices=[k.lower() for k in pb.EventKind.keys()[1:]])
-    tail.add_argument("--after", type=int, default=0, metavar="SEQUENCE",
+    tail = command("tail", "follow events (Ctrl-C stops); amounts in dollars, times in PAYMENTS_TIMEZONE", esub)
+    tail.add_argument("--route", action="append", default=[], metavar="CODE",
+                      help="only events with this route code (repeatable)")
+    tail.add_argument("--kind", action="append", default=[], choices=[k.lower() for k in pb.EventKind.keys()[1:]],
+                      metavar="KIND", help="only events of this kind (repeatable): "
+                      + ", ".join(k.lower() for k in pb.EventKind.keys()[1:]))
+    tail.add_argument("--after", type=_sequence, default=0, metavar="SEQUENCE",
                       help="after this sequence (0: oldest kept, or the consumer's last ack; -1: only new events)")
-    tail.add_argument("--consumer", help="durable consumer name")
+    tail.add_argument("--consumer", help="durable consumer name (resumes after its last acknowledged event)")
     p.set_defaults(run=cmd_events)
     return parser
 
@@ -810,7 +928,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         token = load_token(args.token_file)
-        with PaymentsClient(args.target, token, timeout_s=args.timeout) as client:
+        try:
+            client = PaymentsClient(args.target, token, timeout_s=args.timeout)
+        except ValueError as exc:  # TLS files, or plain text off this machine
+            raise CliError(str(exc), EXIT_USAGE) from None
+        with client:
             try:
                 return args.run(client, args)
             except grpc.RpcError as exc:

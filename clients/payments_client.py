@@ -3,6 +3,10 @@
     client = PaymentsClient("127.0.0.1:50051", token)
     client.upsert_organisation(7, "Bridge Club")
     client.pay(member_id=1, organisation_id=7, amount_cents=1500, description="Entry")
+
+The channel (clients/channel.py) takes TLS from the environment (PAYMENTS_TLS_CA_FILE, …) unless
+`tls` is given, and gRPC retries a call that met UNAVAILABLE (its service config's retryPolicy). A
+request that changes money gets its idempotency key here, once, so every attempt carries the same key.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from collections.abc import Iterator
 
 import grpc
 
+from clients.channel import ClientTls, open_channel
 from cobalt.payments.v1 import payments_pb2 as pb
 from cobalt.payments.v1 import payments_pb2_grpc as pb_grpc
 
@@ -27,8 +32,9 @@ def account(member_id: int | None = None, organisation_id: int | None = None) ->
 
 
 class PaymentsClient:
-    def __init__(self, target: str, token: str, *, channel: grpc.Channel | None = None, timeout_s: float = 30.0):
-        self.channel = channel or grpc.insecure_channel(target)
+    def __init__(self, target: str, token: str, *, channel: grpc.Channel | None = None, timeout_s: float = 30.0,
+                 tls: ClientTls | None = None, allow_insecure: bool | None = None):
+        self.channel = channel or open_channel(target, tls, allow_insecure=allow_insecure)
         self.stub = pb_grpc.PaymentsServiceStub(self.channel)
         self._metadata = (("authorization", f"Bearer {token}"),)
         self.timeout_s = timeout_s

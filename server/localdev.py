@@ -45,16 +45,19 @@ def free_port(host: str = LOCALSTRIPE_HOST) -> int:
         return s.getsockname()[1]
 
 
-def wait_for_http(url: str, timeout_s: float = 60.0) -> None:
-    """Poll until something answers HTTP at url (any status)."""
+def wait_for_http(url: str, timeout_s: float = 60.0, proc: subprocess.Popen | None = None) -> bool:
+    """Poll until something answers HTTP at url (any status): True. False as soon as `proc` (the
+    process that should answer) has exited."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
             urllib.request.urlopen(url, timeout=1).close()
-            return
+            return True
         except urllib.error.HTTPError:
-            return  # it answered
+            return True  # it answered
         except OSError:
+            if proc is not None and proc.poll() is not None:
+                return False
             if time.monotonic() > deadline:
                 raise TimeoutError(f"nothing answered at {url} within {timeout_s} s") from None
             time.sleep(0.05)
@@ -83,19 +86,32 @@ def configure_localstripe_webhook(api_base: str, url: str, secret: str, name: st
     urllib.request.urlopen(req, timeout=5).close()
 
 
-def run_with_local_stripe() -> None:
-    """localstripe + server + bridge, all on 127.0.0.1, until Ctrl-C."""
+def run_with_local_stripe() -> int:
+    """localstripe + server + bridge, all on 127.0.0.1, until Ctrl-C; returns the exit code."""
     stripe_proc, api_base = start_localstripe_process(int(os.environ.get("LOCALSTRIPE_PORT", "0")) or None)
     env = dict(os.environ)
     env.setdefault("STRIPE_SECRET_KEY", FAKE_SECRET_KEY)
     env["STRIPE_API_BASE"] = api_base
-    run_server_and_bridge(env, [stripe_proc], api_base)
+    return run_server_and_bridge(env, [("localstripe", stripe_proc)], api_base)
 
 
-def run_server_and_bridge(env: dict[str, str], children: list[subprocess.Popen] | None = None,
-                          localstripe_base: str = "") -> None:
+def _failed(name: str, proc: subprocess.Popen) -> int:
+    """The exit code for `make run` once a part stopped by itself: 0 when it stopped cleanly (Ctrl-C
+    reaches every part of the terminal's process group, and one may stop before this process
+    notices), else its code, named on stderr."""
+    if proc.returncode in (0, -signal.SIGINT, -signal.SIGTERM):
+        return 0
+    print(f"make run: {name} exited with code {proc.returncode} (its own line above says why); "
+          "stopping the rest", file=sys.stderr, flush=True)
+    return proc.returncode if proc.returncode > 0 else 1
+
+
+def run_server_and_bridge(env: dict[str, str], children: list[tuple[str, subprocess.Popen]] | None = None,
+                          localstripe_base: str = "") -> int:
     """The gRPC server and the webhook bridge as child processes until Ctrl-C (`make run`).
-    With localstripe running, its signed webhooks are aimed at the bridge."""
+    With localstripe running, its signed webhooks are aimed at the bridge. Returns the exit code:
+    0 after Ctrl-C or SIGTERM, else that of the first part that stopped by itself (a busy port, a
+    bad setting), which is named on stderr."""
     env.setdefault("STRIPE_WEBHOOK_SECRET", "whsec_" + secrets.token_hex(16))
     grpc_addr = env.setdefault("PAYMENTS_GRPC_ADDR", "127.0.0.1:50051")
     bridge_addr = env.setdefault("BRIDGE_HTTP_ADDR", "127.0.0.1:8080")
@@ -107,12 +123,15 @@ def run_server_and_bridge(env: dict[str, str], children: list[subprocess.Popen] 
                 env["BRIDGE_TOKEN"] = token
                 break
     children = list(children or [])
+    exit_code = 0
     try:
-        children.append(subprocess.Popen([sys.executable, "-m", "server"], env=env))
+        children.append(("the payments server (payments-server)",
+                         subprocess.Popen([sys.executable, "-m", "server"], env=env)))
         if env.get("BRIDGE_TOKEN"):
-            children.append(subprocess.Popen([sys.executable, "-m", "webhook_bridge"], env=env))
-            wait_for_http(f"http://{bridge_addr}/healthz")
-            print(f"webhook bridge on http://{bridge_addr}/stripe/webhook (GET /healthz)", flush=True)
+            bridge = subprocess.Popen([sys.executable, "-m", "webhook_bridge"], env=env)
+            children.append(("the webhook bridge (payments-webhook-bridge)", bridge))
+            if wait_for_http(f"http://{bridge_addr}/healthz", proc=bridge):
+                print(f"webhook bridge on http://{bridge_addr}/stripe/webhook (GET /healthz)", flush=True)
         else:
             print("no stripe-bridge token in PAYMENTS_AUTH_TOKENS and no BRIDGE_TOKEN: the bridge is not started",
                   flush=True)
@@ -122,19 +141,22 @@ def run_server_and_bridge(env: dict[str, str], children: list[subprocess.Popen] 
             print(f"localstripe on {localstripe_base} (STRIPE_API_BASE), webhooks → "
                   f"http://{bridge_addr}/stripe/webhook", flush=True)
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-        while all(child.poll() is None for child in children):
-            time.sleep(0.5)
+        while all(child.poll() is None for _, child in children):
+            time.sleep(0.2)
+        name, stopped = next((name, child) for name, child in children if child.poll() is not None)
+        exit_code = _failed(name, stopped)
     except KeyboardInterrupt:
         pass
     finally:
-        for child in reversed(children):
+        for _, child in reversed(children):
             if child.poll() is None:
                 child.terminate()
-        for child in children:
+        for _, child in children:
             try:
                 child.wait(10)
             except subprocess.TimeoutExpired:
                 child.kill()
+    return exit_code
 
 
 def main() -> None:
@@ -145,7 +167,7 @@ def main() -> None:
     if args.localstripe_only:
         serve_localstripe(args.port)
     else:
-        run_with_local_stripe()
+        sys.exit(run_with_local_stripe())
 
 
 if __name__ == "__main__":

@@ -43,7 +43,10 @@ class ServerProcess:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and not self.port:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"payments-server exited {self.proc.returncode}: {self.proc.stderr.read()}")
+                if self._reader is not None:
+                    self._reader.join(5)
+                said = "\n".join([*self.lines[-20:], self.proc.stderr.read()]).strip()
+                raise RuntimeError(f"payments-server exited {self.proc.returncode}: {said}")
             for record in self.records():
                 if record.get("event") == "serving":
                     self.port = int(record["port"])

@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -281,3 +282,148 @@ def test_readme_buf_curl_settlement(server, app, admin):
     assert real["batchId"].startswith("stl_") and real["totalNetCents"] == "12098"
     assert "balanceChanged" not in real["rows"][0]
     assert admin.balance_cents(organisation_id=7) == 0
+
+
+# ---------------------------------------------------------------- polish: widths, events tail, options
+
+def _run_admin(target: str, *args: str, columns: int | None = None, timeout_s: float = 60,
+               **env_extra: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("PAYMENTS_TOKEN", "COLUMNS", "PAYMENTS_TARGET")}
+    env.update(PAYMENTS_TOKEN=TOKENS["admin"], PAYMENTS_TARGET=target, **env_extra)
+    if columns is not None:
+        env["COLUMNS"] = str(columns)
+    return subprocess.run([*COMMAND, *args], env=env, capture_output=True, text=True, timeout=timeout_s)
+
+
+@e2e
+def test_money_never_folds_mid_number_at_80_columns(server, app, admin):
+    for org_id in (21, 22, 23):
+        admin.upsert_organisation(org_id, f"The Very Long Named Bridge Club of District {org_id} Incorporated",
+                                  bsb="062-000", account_number="123456789", minimum_balance_cents=1_000_000_00)
+    admin.adjust(9_876_543_21, "credit", member_id=5)
+    app.pay(5, 4_321_987_65, organisation_id=21, description="A long description of a large payment")
+    admin.adjust(7_654_321_09, "credit", organisation_id=22)
+    amounts = {format_cents(c) for c in (4_321_987_65 - 1_000_000_00, 7_654_321_09 - 1_000_000_00,
+                                         4_321_987_65 + 7_654_321_09 - 2_000_000_00)}
+    for args in (["settle", "--dry-run"], ["balances"], ["organisations", "list"], ["statement", "--member", "5"]):
+        res = _run_admin(server.target, *args, columns=80)
+        assert res.returncode == 0, (args, res.stderr)
+        assert max(len(line) for line in res.stdout.splitlines()) <= 80, args
+        if args[0] == "settle":
+            for amount in amounts:
+                assert amount in res.stdout, (amount, res.stdout)
+        money = re.findall(r"-?\$[\d,]+\.\d\d", res.stdout)
+        assert money, args
+        for text_ in money:
+            assert parse_dollars(text_) is not None
+        # an amount cut over two lines would leave a piece like "$4,321,9" at the end of a cell
+        assert not re.search(r"\$[\d,]*\d(?=\s*│)(?<!\.\d\d)", res.stdout), res.stdout
+
+
+@e2e
+def test_events_tail_shows_dollars_and_local_time(server, admin):
+    env = {k: v for k, v in os.environ.items() if k not in ("PAYMENTS_TOKEN", "COLUMNS", "PAYMENTS_TARGET")}
+    env.update(PAYMENTS_TOKEN=TOKENS["admin"], PAYMENTS_TARGET=server.target, PAYMENTS_TIMEZONE="Asia/Kolkata")
+    admin.adjust(12_34, "credit", member_id=8)
+    proc = subprocess.Popen([*COMMAND, "events", "tail", "--kind", "adjusted"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()  # type: ignore[union-attr]
+    finally:
+        proc.kill()
+        proc.wait(10)
+    assert "ADJUSTED" in line and "amount $12.34" in line and "balance $12.34" in line and "member 8" in line
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
+    stamp = re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", line)
+    assert stamp, line
+    shown = datetime.strptime(stamp.group(0), "%Y-%m-%d %H:%M:%S").replace(tzinfo=ZoneInfo("Asia/Kolkata"))
+    assert abs((datetime.now(ZoneInfo("UTC")) - shown).total_seconds()) < 120, "the time is Kolkata's, not UTC"
+
+
+@e2e
+@pytest.mark.postgres
+def test_events_tail_says_when_it_reconnects_and_misses_nothing(postgres_url):
+    """Connections age out (PAYMENTS_GRPC_MAX_CONNECTION_AGE_S, as behind a load balancer): the stream is
+    resumed after the last event shown, with a line on stderr, and no event is lost or shown twice."""
+    import time
+
+    from conftest import start_server
+
+    srv = start_server(postgres_url, "postgresql", grpc_max_connection_age_s=1, grpc_max_connection_age_grace_s=1)
+    env = {k: v for k, v in os.environ.items() if k not in ("PAYMENTS_TOKEN", "COLUMNS", "PAYMENTS_TARGET")}
+    env.update(PAYMENTS_TOKEN=TOKENS["admin"], PAYMENTS_TARGET=srv.target)
+    route = "AGE" + uuid.uuid4().hex[:6].upper()
+    proc = subprocess.Popen([*COMMAND, "--json", "events", "tail", "--after", "-1", "--route", route], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        with srv.client("admin") as admin, srv.client("app") as app:
+            admin.upsert_organisation(31, "Age Club")
+            admin.adjust(100_00, "credit", member_id=31)
+            time.sleep(1.0)  # the stream is open
+            for i in range(8):  # across several connection ages
+                app.pay(31, 1_00 + i, organisation_id=31, description=f"p{i}", route_code=route)
+                time.sleep(0.5)
+        seen = [json.loads(proc.stdout.readline()) for _ in range(8)]  # type: ignore[union-attr]
+    finally:
+        proc.terminate()
+        _, stderr = proc.communicate(timeout=20)
+        srv.stop()
+    assert [int(e["amount_cents"]) for e in seen] == [1_00 + i for i in range(8)]
+    assert len({e["sequence"] for e in seen}) == 8
+    assert "reconnecting" in stderr and "UNAVAILABLE" in stderr
+
+
+@e2e
+def test_events_tail_exits_4_when_the_server_is_unreachable():
+    res = _run_admin("127.0.0.1:1", "events", "tail", timeout_s=120)
+    assert res.returncode == 4, res.stderr
+    assert "cannot reach the payments server at 127.0.0.1:1" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_json_works_after_the_command_too(server, admin, cli_here):
+    admin.upsert_organisation(9, "Json Club")
+    for args in (["summary", "--json"], ["balances", "--json"], ["organisations", "list", "--json"],
+                 ["fees", "show", "--json"], ["balance", "--org", "9", "--json"], ["--json", "summary"]):
+        res = cli_here(*args)
+        assert res.returncode == 0, (args, res.stderr)
+        assert isinstance(json.loads(res.stdout), dict), args
+    table = cli_here("summary")
+    assert table.returncode == 0 and "Ledger sum" in table.stdout
+
+
+def test_every_option_has_help():
+    import argparse
+
+    from clients.admin_cli import build_parser
+
+    missing = []
+
+    def walk(parser: argparse.ArgumentParser, path: str) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, f"{path} {name}")
+            elif not isinstance(action, argparse._HelpAction) and not (action.help or "").strip():
+                missing.append(f"{path} {'/'.join(action.option_strings) or action.dest}")
+
+    walk(build_parser(), "payments-admin")
+    assert missing == []
+
+
+@pytest.mark.parametrize("args", [
+    ["adjust", "--member", "1", "99999999999999999999", "-d", "too much", "--yes"],
+    ["adjust", "--member", "1", "-99999999999999999999.00", "-d", "too little", "--yes"],
+    ["balance", "--member", "99999999999999999999"],
+    ["organisations", "upsert", "7", "--fee-bp", "99999999999999999999999"],
+    ["organisations", "upsert", "7", "--minimum", "1e9"],
+    ["fees", "set", "--stripe-cents", "3000000000"],
+    ["fees", "set", "--low-balance", "92233720368547758.08"],
+    ["events", "tail", "--after", "-2"],
+    ["--timeout", "-1", "summary"],
+], ids=lambda a: " ".join(a)[:40])
+def test_out_of_range_values_are_usage_errors(args):
+    res = _run_admin("127.0.0.1:1", *args)
+    assert res.returncode == 2, res.stderr
+    assert "usage:" in res.stderr and "Traceback" not in res.stderr

@@ -30,7 +30,11 @@ def test_bench_quick_runs_and_the_invariants_hold() -> None:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert "ledger invariants held after every scenario" in proc.stdout
         data = json.loads((results / f"{stem}.json").read_text())
-        assert (results / f"{stem}.png").stat().st_size > 1000
+        try:
+            import matplotlib  # noqa: F401 - the bench set (make bench) draws the chart; make test's set does not
+            assert (results / f"{stem}.png").stat().st_size > 1000
+        except ImportError:
+            assert "chart: not drawn" in proc.stdout
         rows = data["scenarios"]
         for name in ("floor_spread", "floor_hot", "grpc_floor", "pay_spread", "pay_hot", "transfer", "get_balance",
                      "statement_first_page", "statement_deep_page", "pay_spread_2proc", "pay_hot_2proc",

@@ -3,9 +3,8 @@
 grpc.aio's server asks core for a method's next call one request at a time. It asks, waits for the
 answer to come back through the event loop, starts the call, and only then asks again. Under load
 the event loop is busy, so each new call waits a turn or more of the loop before it is even
-started: with 64 Pays in flight, a Pay spent most of its time in that queue rather than being
-handled, and the server's statements carried a few payments each instead of dozens (README,
-Performance). Here `depth` more requests per method of the payments service are kept open, each in
+started: under load a call spends most of its time in that queue rather than being handled, and
+the group-commit statements carry few payments each (docs/performance.md). Here `depth` more requests per method of the payments service are kept open, each in
 a task of its own, so calls that arrive together are started together. A call taken here starts
 exactly as one that grpc.aio takes: grpc's own `_handle_rpc` runs it, with the same method
 handlers, each already wrapped by its guard (authentication, the call log: `GuardedRegistration`).

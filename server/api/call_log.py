@@ -1,10 +1,11 @@
 """The line every call writes: method, principal, status, duration and request id, as JSON like
-every other log line (server/app.py, `configure_logging`), but built here directly, held, and written
+every other log line (server/logs.py, `configure_logging`), but built here directly, held, and written
 once per turn of the event loop: under load one write carries the lines of many calls. The lines are
 held here rather than in the stream's buffer because a stream may have none (with PYTHONUNBUFFERED
 set, as container images often do, every write is a system call). Through structlog's processor
-chain, flushed per line, the line cost 0.07 ms of server CPU per call, 15 % of a Pay's (README,
-Performance). Never a token: only these fields."""
+chain, flushed per line, the line was a large share of a call's server CPU (docs/performance.md).
+Never a token: only these fields. A status that means a bug (INTERNAL, UNKNOWN, DATA_LOSS) is at
+level error, every other at info."""
 
 from __future__ import annotations
 
@@ -36,13 +37,14 @@ def configure(stream) -> None:  # noqa: ANN001 - a text stream
     _stream = stream
 
 
-def write_call_line(method: str, principal: str | None, status: str, duration_ms: float, request_id: str) -> None:
+def write_call_line(method: str, principal: str | None, status: str, duration_ms: float, request_id: str,
+                    level: str = "info") -> None:
     stamp = datetime.now(UTC).isoformat().replace("+00:00", "Z")
-    # what json.dumps writes for this dict, key for key, with only the strings encoded: the line in
-    # half the time (7 against 15 µs on the benchmark machine)
+    # what json.dumps writes for this dict, key for key, with only the strings encoded: cheaper than
+    # json.dumps on the hot path
     line = (f'{{"method": {_string(method)}, "principal": {"null" if principal is None else _string(principal)}, '
             f'"status": {_string(status)}, "duration_ms": {float(duration_ms)!r}, "request_id": {_string(request_id)}, '
-            f'"event": "rpc", "level": "info", "timestamp": "{stamp}"}}\n')
+            f'"event": "rpc", "level": "{level}", "timestamp": "{stamp}"}}\n')
     held = _held_here()
     held.append(line)
     if len(held) > 1:

@@ -12,6 +12,7 @@ from typing import Any
 import psycopg2
 
 from cobalt.payments.v1 import payments_pb2 as pb
+from server import metrics
 from server.api import convert, responses
 from server.api.base import ApiBase, M
 from server.domain.errors import DomainError, InsufficientFunds
@@ -27,8 +28,8 @@ log = logging.getLogger("payments.ledger")
 class LedgerApi(ApiBase):
     def __init__(self, settings, db, executor):  # noqa: ANN001
         super().__init__(settings, db, executor)
-        self.pay_group = GroupCommit(db, self.in_thread, "Pay")
-        self.transfer_group = GroupCommit(db, self.in_thread, "Transfer")
+        self.pay_group = GroupCommit(db, self.in_thread, "Pay", on_group=metrics.observe_group_size)
+        self.transfer_group = GroupCommit(db, self.in_thread, "Transfer", on_group=metrics.observe_group_size)
         self.balance_reader = BalanceReader(db)
 
     def close(self) -> None:

@@ -25,11 +25,13 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TypeVar
 
 import structlog
 from sqlalchemy import Connection
 
+from server import metrics
 from server.domain.errors import DomainError, OutOfRange, Unavailable
 from server.events import store
 from server.events.horizon import PROBE_SQL, PostgresHorizon
@@ -248,6 +250,10 @@ class EventHub:
 
     def _publish(self, events: list[StoredEvent], through: int) -> None:
         if events:
+            newest = events[-1].created_at
+            if newest is not None:  # the lag: from the newest event's write to its hand-over
+                stamp = newest if newest.tzinfo else newest.replace(tzinfo=UTC)
+                metrics.EVENT_LAG.observe(max((datetime.now(UTC) - stamp).total_seconds(), 0.0))
             self._ring.extend(events)
             while len(self._ring) > self.limits.ring_events:
                 self._ring_floor = self._ring.popleft().sequence
@@ -267,6 +273,7 @@ class EventHub:
                 if added:
                     sub.signal.set()
         self.published = through
+        metrics.EVENT_PUBLISHED.set(through)
 
     # ---- one Subscribe stream
     async def stream(self, flt: EventFilter, after_sequence: int) -> AsyncIterator[StoredEvent]:
@@ -279,6 +286,7 @@ class EventHub:
             self._ready.clear()
             self._jump = True
         self.open_streams += 1
+        metrics.EVENT_SUBSCRIBERS.inc()
         self._wake.set()
         last_sent = max(after_sequence, 0)
         try:
@@ -334,6 +342,7 @@ class EventHub:
         finally:
             self._live.discard(sub)
             self.open_streams -= 1
+            metrics.EVENT_SUBSCRIBERS.dec()
             if self.open_streams == 0:
                 self._jump = True
 

@@ -1,7 +1,7 @@
 """refunds keep their Stripe key
 
-Revision ID: 0006_refund_stripe_key
-Revises: 0005_account_day_totals
+Revision ID: 0007_refund_stripe_key
+Revises: 0006_outbox_reader_probe
 
 A refund is made at Stripe with a key derived from the caller's idempotency key. Until Stripe's
 answer is known the refund's row holds it in `stripe_refund_id` (`pending_<key>`); once the refund
@@ -11,8 +11,8 @@ request after the reconciler completed the refund finds it (instead of holding t
 
 from alembic import op
 
-revision = '0006_refund_stripe_key'
-down_revision = '0005_account_day_totals'
+revision = '0007_refund_stripe_key'
+down_revision = '0006_outbox_reader_probe'
 branch_labels = None
 depends_on = None
 
