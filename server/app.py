@@ -7,7 +7,6 @@ import argparse
 import asyncio
 import contextlib
 import gc
-import logging
 import os
 import signal
 import sys
@@ -126,12 +125,8 @@ class DatabaseThreads(ThreadPoolExecutor):
         return super().submit(counted)
 
 
-class DatabaseUnreachable(SystemExit):
-    """The server cannot start: its database does not answer (logged in one line, exit code 1)."""
-
-
 def wait_for_database(db: Database, wait_s: float) -> None:
-    """Return once the database answers; wait up to `wait_s` for it, then log one line and exit."""
+    """Return once the database answers; wait up to `wait_s` for it, else StartupError (one log line, exit 1)."""
     from sqlalchemy import text
 
     deadline = time.monotonic() + wait_s
@@ -143,9 +138,8 @@ def wait_for_database(db: Database, wait_s: float) -> None:
         except Exception as exc:  # noqa: BLE001 - whatever stops the connection, the start stops here
             reason = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__])[0]
             if time.monotonic() >= deadline:
-                log.error("database unreachable: not starting", database=db.engine.url.set(query={}).render_as_string(),
-                          reason=reason, waited_s=wait_s)
-                raise DatabaseUnreachable(1) from None
+                waited = f" (waited {wait_s} s)" if wait_s else ""
+                raise StartupError(f"cannot use the database {database_label(str(db.engine.url))}: {reason}{waited}") from None
             time.sleep(min(1.0, max(0.05, deadline - time.monotonic())))
 
 

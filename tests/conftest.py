@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
@@ -197,7 +198,7 @@ def _truncate_all(db: Database) -> None:
     from server.ledger.schema import accounts, metadata
 
     others = ", ".join(table.name for table in metadata.sorted_tables if table is not accounts)
-    for attempt in range(3):
+    for attempt in range(10):
         try:
             with db.engine.begin() as conn:
                 conn.execute(text(f"TRUNCATE {others}"))
@@ -207,8 +208,9 @@ def _truncate_all(db: Database) -> None:
         except OperationalError as exc:
             # a late webhook of the previous test, applied as the tables empty, can deadlock with the
             # TRUNCATE (it takes the tables one by one): PostgreSQL ends one of them, try again
-            if not isinstance(exc.orig, psycopg2.errors.DeadlockDetected) or attempt == 2:
+            if not isinstance(exc.orig, psycopg2.errors.DeadlockDetected) or attempt == 9:
                 raise
+            time.sleep(0.05 * (attempt + 1))
 
 
 @pytest.fixture(scope="session")
