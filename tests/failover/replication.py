@@ -20,12 +20,11 @@ import os
 import shutil
 import signal
 import stat
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-from faults.pgcluster import PgCluster, _owner, free_port
+from faults.pgcluster import PgCluster, free_port
 
 REPLICATION_CONF = {
     "wal_level": "replica",
@@ -63,14 +62,6 @@ class Node(PgCluster):
     def __init__(self, data_dir: Path, port: int, name: str, **kw: object):
         super().__init__(data_dir, port, **kw)  # type: ignore[arg-type]
         self.name = name
-
-    def _run(self, *args: str, check: bool = True, timeout_s: float = 120) -> subprocess.CompletedProcess:
-        """As the cluster's owner through setpriv, so that Python forks with nothing to run between fork
-        and exec: the harness has gRPC threads, whose fork handlers crash a child that runs them."""
-        owner = _owner()
-        prefix = ["setpriv", f"--reuid={owner[0]}", f"--regid={owner[1]}", "--clear-groups"] if owner else []
-        return subprocess.run([*prefix, *args], check=check, capture_output=True, text=True, timeout=timeout_s,
-                              cwd="/")
 
     def start(self, timeout_s: float = 60) -> None:
         if not self.log_file.exists():

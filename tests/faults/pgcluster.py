@@ -112,9 +112,13 @@ class PgCluster:
             os.chown(path, *owner)
 
     def _run(self, *args: str, check: bool = True, timeout_s: float = 120) -> subprocess.CompletedProcess:
-        owner = _owner()  # dropped in the child by subprocess itself: no Python runs between fork and exec
-        ids = {} if owner is None else {"user": owner[0], "group": owner[1], "extra_groups": []}
-        return subprocess.run(args, check=check, capture_output=True, text=True, timeout=timeout_s, cwd="/", **ids)
+        """As the cluster's owner through setpriv, so that Python forks with nothing to run between fork
+        and exec: the suites have gRPC threads, whose fork handlers crash a child that runs them (a
+        `user=` for subprocess runs Python code in the child)."""
+        owner = _owner()
+        prefix = ["setpriv", f"--reuid={owner[0]}", f"--regid={owner[1]}", "--clear-groups"] if owner else []
+        return subprocess.run([*prefix, *args], check=check, capture_output=True, text=True, timeout=timeout_s,
+                              cwd="/")
 
     def initdb(self, *, conf: dict[str, str] | None = None, hba: Sequence[str] = ()) -> None:
         self._run(str(self.bin_dir / "initdb"), "-D", str(self.data_dir), "-U", self.user, "-A", "trust",
