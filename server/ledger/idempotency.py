@@ -83,12 +83,17 @@ _LOOKUP = ("SELECT principal, key, method, request_hash, result FROM idempotency
            "WHERE (principal, key) IN (SELECT * FROM unnest(%(principals)s::varchar[], %(keys)s::varchar[]))")
 
 
-def lookup_many(conn: Connection, pendings: Sequence[Pending]) -> list[Replayed | AlreadyExists | None]:
-    """For each request: its stored result, the refusal of a key used for another request, or None."""
+def lookup_many(conn: Connection, pendings: Sequence[Pending], *,
+                before: str | None = None) -> list[Replayed | AlreadyExists | None]:
+    """For each request: its stored result, the refusal of a key used for another request, or None.
+    `before`: a statement (without values) sent ahead of the lookup in the same round trip."""
     if not pendings:
+        if before:
+            conn.exec_driver_sql(before)
         return []
-    rows = conn.exec_driver_sql(_LOOKUP, {"principals": [p.principal for p in pendings],
-                                          "keys": [p.key for p in pendings]}).fetchall()
+    sql = _LOOKUP if before is None else f"{before}; {_LOOKUP}"
+    rows = conn.exec_driver_sql(sql, {"principals": [p.principal for p in pendings],
+                                      "keys": [p.key for p in pendings]}).fetchall()
     found = {(row.principal, row.key): row for row in rows}
     out: list[Replayed | AlreadyExists | None] = []
     for p in pendings:
