@@ -70,15 +70,7 @@ class ServerProcess:
 
     def records(self) -> list[dict]:
         """Every stdout line that is a JSON object."""
-        out = []
-        for line in list(self.lines):
-            try:
-                value = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(value, dict):
-                out.append(value)
-        return out
+        return json_records(self.lines)
 
     def stop(self, timeout_s: float = 20) -> int:
         """SIGTERM, then wait: returns the exit code."""
@@ -101,3 +93,16 @@ class ServerProcess:
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.stop()
+
+
+def json_records(lines: list[str]) -> list[dict]:
+    """The lines that are JSON objects, parsed (a server's log lines)."""
+    out = []
+    for line in list(lines):
+        try:
+            value = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            out.append(value)
+    return out

@@ -9,7 +9,6 @@ killed and started again where its clients expect it; its stdout (one JSON objec
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from server_process import json_records
 
 from faults.pgcluster import free_port
 
@@ -136,15 +136,7 @@ class ServerProc:
             return err.code().name
 
     def records(self) -> list[dict]:
-        out = []
-        for line in list(self.lines):
-            try:
-                value = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(value, dict):
-                out.append(value)
-        return out
+        return json_records(self.lines)
 
     def tail(self, n: int = 20) -> str:
         return "\n".join((self.lines + self.stderr_lines)[-n:])
