@@ -1,5 +1,5 @@
 """`python -m bench.grpc_floor`: the gRPC floor. A server built as `payments-server` builds its own
-(grpc.aio on uvloop, every handler wrapped by its guard: authentication and the call's
+(grpc.aio on uvloop, accept-ahead, every handler wrapped by its guard: authentication and the call's
 log line) whose `Pay` answers at once, with no database: what a call costs this machine's server
 and load generator before any payment is booked. Serves on PAYMENTS_GRPC_ADDR with the tokens of
 PAYMENTS_AUTH_TOKENS until SIGTERM; every other method answers UNIMPLEMENTED."""
@@ -14,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from cobalt.payments.v1 import payments_pb2 as pb
 from cobalt.payments.v1 import payments_pb2_grpc as pb_grpc
 from server.api import call_log
+from server.api.accept_ahead import AcceptAhead
 from server.app import configure_logging, new_event_loop, new_grpc_server, register_payments, tune_garbage_collector
 from server.config import Settings
 
@@ -29,12 +30,14 @@ class AnswerAtOnce(pb_grpc.PaymentsServiceServicer):
 
 async def serve(settings: Settings) -> None:
     server = new_grpc_server()
-    register_payments(server, AnswerAtOnce(), settings.auth_tokens)
+    accept_ahead = AcceptAhead(settings.grpc_accept_ahead)
+    register_payments(server, AnswerAtOnce(), settings.auth_tokens, accept_ahead)
     checks = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(checks, server)
     if server.add_insecure_port(settings.grpc_addr) == 0:
         raise SystemExit(f"cannot listen on {settings.grpc_addr}")
     await server.start()
+    accept_ahead.start(server)
     await checks.set("", health_pb2.HealthCheckResponse.SERVING)
     tune_garbage_collector()
     stop = asyncio.Event()
@@ -42,6 +45,7 @@ async def serve(settings: Settings) -> None:
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     await stop.wait()
     await server.stop(1)
+    await accept_ahead.stop()
     call_log.flush()
 
 

@@ -119,6 +119,10 @@ def targets(rows: dict) -> list[dict]:
     if spread and hot:
         out.append({"target": "Pay hot >= 0.9 x Pay spread", "value": f"{hot / spread:.2f} x",
                     "met": hot / spread >= 0.9})
+    plain = get("pay_spread_no_accept_ahead", "per_s")
+    if spread and plain:
+        out.append({"target": "accept-ahead buys >= 20 % on Pay spread", "value": f"{spread / plain:.2f} x",
+                    "met": spread / plain >= 1.2})
     spread2, hot2 = get("pay_spread_2proc", "per_s"), get("pay_hot_2proc", "per_s")
     if floor and spread2:
         p99 = get("pay_spread_2proc", "p99_ms")

@@ -244,6 +244,15 @@ def run_scenarios(plan: Plan, db: BenchDatabase, results: dict, servers: list, n
     if wanted("pay_spread"):
         s = closed(load.pay_call(members, orgs), plan.pay_s, warmup_s=plan.warmup_s, profile_as="pay_spread")
         record("pay_spread", s, note=f"gRPC, {flight} in flight, {len(orgs)} organisations", cpu_split=cpu_used[0])
+    if wanted("pay_spread_no_accept_ahead"):  # the same load on a server with accept-ahead off (what it buys)
+        plain = load.ServerProcess(db.url, env={**server_env, "PAYMENTS_GRPC_ACCEPT_AHEAD": "0"}, name="no-accept-ahead")
+        servers.append(plain)
+        plain.start()
+        s = closed(load.pay_call(members, orgs), plan.pay_s, warmup_s=plan.warmup_s, on=[plain])
+        record("pay_spread_no_accept_ahead", s, note="as pay_spread, PAYMENTS_GRPC_ACCEPT_AHEAD=0",
+               cpu_split=cpu_used[0])
+        plain.stop()
+        servers.remove(plain)
     if wanted("pay_hot"):
         s = closed(load.pay_call(members, orgs[:1]), plan.pay_s, warmup_s=plan.warmup_s, profile_as="pay_hot")
         record("pay_hot", s, note=f"gRPC, {flight} in flight, one organisation", cpu_split=cpu_used[0])

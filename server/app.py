@@ -22,6 +22,7 @@ from sqlalchemy.exc import DBAPIError
 from cobalt.payments.v1 import payments_pb2, payments_pb2_grpc
 from server import metrics
 from server.api import call_limits, call_log
+from server.api.accept_ahead import AcceptAhead
 from server.api.auth import Authenticator
 from server.api.call_limits import InFlight
 from server.api.interceptors import GuardedRegistration
@@ -94,12 +95,13 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
         root_certificates=client_ca, require_client_auth=client_ca is not None)
 
 
-def register_payments(server: grpc.aio.Server, servicer: object, auth_tokens: str,
+def register_payments(server: grpc.aio.Server, servicer: object, auth_tokens: str, accept_ahead: AcceptAhead,
                       in_flight: InFlight | None = None) -> None:
     """Every handler of the payments service registered wrapped by its guard (authentication, roles,
-    the bound on calls in flight, error mapping, the call's log line)."""
+    the bound on calls in flight, error mapping, the call's log line), with the server and with
+    accept-ahead alike."""
     payments_pb2_grpc.add_PaymentsServiceServicer_to_server(
-        servicer, GuardedRegistration(server, Authenticator(auth_tokens), in_flight=in_flight))
+        servicer, GuardedRegistration(server, Authenticator(auth_tokens), also=(accept_ahead,), in_flight=in_flight))
 
 
 class DatabaseThreads(ThreadPoolExecutor):
@@ -159,6 +161,7 @@ class PaymentsServer:
                                             self._database_reachable)
         self.in_flight = InFlight(settings.max_in_flight)
         self.server: grpc.aio.Server | None = None
+        self.accept_ahead = AcceptAhead(settings.grpc_accept_ahead)
         self.metrics_endpoint: metrics.MetricsEndpoint | None = None
         self.port = 0
         self.metrics_port = 0
@@ -173,7 +176,7 @@ class PaymentsServer:
         if settings.migrate_at_start:
             run_migrations(self.db)
         server = new_grpc_server(settings)
-        register_payments(server, self.servicer, settings.auth_tokens, self.in_flight)
+        register_payments(server, self.servicer, settings.auth_tokens, self.accept_ahead, self.in_flight)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         enable_reflection(server, (SERVICE_NAME, health.SERVICE_NAME))
         credentials = server_credentials(settings)
@@ -196,6 +199,7 @@ class PaymentsServer:
                                    f"({exc.strerror or exc})") from None
         metrics.watch_pool(self.db.engine)
         await server.start()
+        self.accept_ahead.start(server)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self.server = server
         await self.servicer.on_server_start()
@@ -235,6 +239,7 @@ class PaymentsServer:
             cut_off.cancel()  # every call ended within the grace: nothing to cut off
         with contextlib.suppress(asyncio.CancelledError):
             await cut_off
+        await self.accept_ahead.stop()
         self.servicer.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
         await self._wait_for_database_threads(began + grace_s + EXIT_WITHIN_S - 0.2)

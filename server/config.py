@@ -125,6 +125,7 @@ class Settings(BaseSettings):
     shutdown_grace_s: int = Field(5, ge=0, le=3600)
     lock_timeout_ms: int = Field(2_000, ge=1, le=600_000)  # how long a statement waits for a row lock
     event_loop: Literal["uvloop", "asyncio"] = "uvloop"  # "asyncio": the standard library's loop
+    grpc_accept_ahead: int = Field(8, ge=0, le=64)  # requests for a method's next call kept open (0: off)
     reconcile_interval_ms: int = Field(5_000, ge=0, le=3_600_000)  # pending card operations settled with Stripe (0: never)
     reconcile_min_age_s: int = Field(60, ge=0, le=86_400)  # a pending card operation younger belongs to its request
     card_intent_ttl_s: int = Field(86_400, ge=60, le=30 * 86_400)  # an unpaid PaymentIntent is cancelled after this

@@ -37,7 +37,8 @@ def test_bench_quick_runs_and_the_invariants_hold() -> None:
             assert "chart: not drawn" in proc.stdout
         rows = data["scenarios"]
         for name in ("floor_spread", "floor_hot", "grpc_floor", "pay_spread", "pay_hot", "transfer", "get_balance",
-                     "statement_first_page", "statement_deep_page", "pay_spread_2proc", "pay_hot_2proc"):
+                     "statement_first_page", "statement_deep_page", "pay_spread_2proc", "pay_hot_2proc",
+                     "pay_spread_no_accept_ahead"):
             assert rows[name]["count"] > 0, name
             assert rows[name]["invariants"]["ok"] is True, name
             assert rows[name]["p50_ms"] <= rows[name]["p99_ms"], name

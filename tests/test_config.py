@@ -93,10 +93,18 @@ def test_a_started_server_collects_garbage_less_often_and_not_what_startup_loade
     assert gc.get_freeze_count() > 10_000, "startup's objects are out of the collector's sight"
 
 
+def test_accept_ahead_is_eight_unless_told_otherwise(monkeypatch) -> None:  # noqa: ANN001
+    monkeypatch.delenv("PAYMENTS_GRPC_ACCEPT_AHEAD", raising=False)
+    assert Settings.from_env().grpc_accept_ahead == 8
+    monkeypatch.setenv("PAYMENTS_GRPC_ACCEPT_AHEAD", "0")
+    assert Settings.from_env().grpc_accept_ahead == 0
+
+
 @pytest.mark.parametrize(("name", "value", "says"), [
     ("PAYMENTS_DB_THREADS", "0", "PAYMENTS_DB_THREADS=0: must be at least 1"),
     ("PAYMENTS_DB_POOL_SIZE", "many", "PAYMENTS_DB_POOL_SIZE=many: must be a whole number"),
-    ("PAYMENTS_MAX_IN_FLIGHT", "0", "PAYMENTS_MAX_IN_FLIGHT=0: must be at least 1"),
+    ("PAYMENTS_GRPC_ACCEPT_AHEAD", "65", "PAYMENTS_GRPC_ACCEPT_AHEAD=65: must be at most 64"),
+    ("PAYMENTS_GRPC_ACCEPT_AHEAD", "-1", "PAYMENTS_GRPC_ACCEPT_AHEAD=-1: must be at least 0"),
     ("PAYMENTS_SHUTDOWN_GRACE_S", "-5", "PAYMENTS_SHUTDOWN_GRACE_S=-5: must be at least 0"),
     ("PAYMENTS_EVENT_LOOP", "trio", "PAYMENTS_EVENT_LOOP=trio: must be one of 'uvloop' or 'asyncio'"),
     ("PAYMENTS_TIMEZONE", "Mars/Base", "PAYMENTS_TIMEZONE=Mars/Base: is not a time zone"),

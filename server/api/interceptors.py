@@ -39,7 +39,7 @@ DEFAULT_MAX_IN_FLIGHT = 256
 class GuardedRegistration:
     """Stands in for the gRPC server in the generated `add_PaymentsServiceServicer_to_server`: each
     method handler of the payments service is wrapped by its guard there, once, and only the
-    wrapped handlers reach the server (and `also`). There is no other way for
+    wrapped handlers reach the server (and `also`, such as accept-ahead). There is no other way for
     a call to reach a handler, so every call is authenticated and logged; and no per-call
     interceptor runs (grpc's interceptor machinery costs server CPU on every call)."""
 
