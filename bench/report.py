@@ -123,6 +123,10 @@ def targets(rows: dict) -> list[dict]:
     if spread and plain:
         out.append({"target": "accept-ahead buys >= 20 % on Pay spread", "value": f"{spread / plain:.2f} x",
                     "met": spread / plain >= 1.2})
+    reads, plain_reads = get("get_balance", "per_s"), get("get_balance_no_accept_ahead", "per_s")
+    if reads and plain_reads:
+        out.append({"target": "accept-ahead buys >= 20 % on GetBalance", "value": f"{reads / plain_reads:.2f} x",
+                    "met": reads / plain_reads >= 1.2})
     spread2, hot2 = get("pay_spread_2proc", "per_s"), get("pay_hot_2proc", "per_s")
     if floor and spread2:
         p99 = get("pay_spread_2proc", "p99_ms")

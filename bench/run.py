@@ -244,13 +244,19 @@ def run_scenarios(plan: Plan, db: BenchDatabase, results: dict, servers: list, n
     if wanted("pay_spread"):
         s = closed(load.pay_call(members, orgs), plan.pay_s, warmup_s=plan.warmup_s, profile_as="pay_spread")
         record("pay_spread", s, note=f"gRPC, {flight} in flight, {len(orgs)} organisations", cpu_split=cpu_used[0])
-    if wanted("pay_spread_no_accept_ahead"):  # the same load on a server with accept-ahead off (what it buys)
+    if wanted("pay_spread_no_accept_ahead") or wanted("get_balance_no_accept_ahead"):
+        # the same loads on a server with accept-ahead off (what it buys)
         plain = load.ServerProcess(db.url, env={**server_env, "PAYMENTS_GRPC_ACCEPT_AHEAD": "0"}, name="no-accept-ahead")
         servers.append(plain)
         plain.start()
-        s = closed(load.pay_call(members, orgs), plan.pay_s, warmup_s=plan.warmup_s, on=[plain])
-        record("pay_spread_no_accept_ahead", s, note="as pay_spread, PAYMENTS_GRPC_ACCEPT_AHEAD=0",
-               cpu_split=cpu_used[0])
+        if wanted("pay_spread_no_accept_ahead"):
+            s = closed(load.pay_call(members, orgs), plan.pay_s, warmup_s=plan.warmup_s, on=[plain])
+            record("pay_spread_no_accept_ahead", s, note="as pay_spread, PAYMENTS_GRPC_ACCEPT_AHEAD=0",
+                   cpu_split=cpu_used[0])
+        if wanted("get_balance_no_accept_ahead"):
+            s = closed(load.balance_call(members), plan.read_s, on=[plain])
+            record("get_balance_no_accept_ahead", s, note="as get_balance, PAYMENTS_GRPC_ACCEPT_AHEAD=0",
+                   cpu_split=cpu_used[0])
         plain.stop()
         servers.remove(plain)
     if wanted("pay_hot"):
