@@ -168,7 +168,7 @@ def _lock_payment(conn: Connection, payment_intent_id: str) -> None:
 
 
 def _hold(conn: Connection, cmd: RefundCommand, ref: str, once: Once) -> Hold | Replayed:
-    # Refunds of one card payment take turns (PostgreSQL row lock; SQLite writers are serial), so a
+    # Refunds of one card payment take turns (a row lock on the card payment), so a
     # concurrent retry with the same key finds the first one's hold instead of taking the money again.
     _lock_payment(conn, cmd.payment_intent_id)
     stored = once.stored(conn)  # a first attempt finished meanwhile (its hold is no longer pending)
