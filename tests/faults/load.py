@@ -238,33 +238,33 @@ class PayLoad:
 
     # ------------------------------------------------------------ results
     def acked(self) -> list[KeyRecord]:
-        return [r for r in self.records.values() if r.acked]
+        return [r for r in list(self.records.values()) if r.acked]
 
     def unsettled(self) -> list[KeyRecord]:
-        return [r for r in self.records.values() if r.final is None]
+        return [r for r in list(self.records.values()) if r.final is None]
 
     def ack_times(self) -> list[float]:
-        return sorted(r.acked_at for r in self.records.values() if r.acked)  # type: ignore[misc]
+        return sorted(r.acked_at for r in list(self.records.values()) if r.acked)  # type: ignore[misc]
 
     def first_ack_of_attempt_after(self, t: float) -> float | None:
         """When the first attempt sent after `t` was answered OK (None if none was)."""
-        found = [a.ended for r in self.records.values() for a in r.attempts if a.code == "OK" and a.started >= t]
+        found = [a.ended for r in list(self.records.values()) for a in r.attempts if a.code == "OK" and a.started >= t]
         return min(found) if found else None
 
     def acks_between(self, t0: float, t1: float, organisations: Iterable[int] | None = None) -> int:
         wanted = set(organisations) if organisations is not None else None
-        return sum(1 for r in self.records.values()
+        return sum(1 for r in list(self.records.values())
                    if r.acked and t0 <= r.acked_at < t1  # type: ignore[operator]
                    and (wanted is None or r.organisation_id in wanted))
 
     def codes_between(self, t0: float, t1: float) -> Counter[str]:
-        return Counter(a.code for r in self.records.values() for a in r.attempts if t0 <= a.ended < t1)
+        return Counter(a.code for r in list(self.records.values()) for a in r.attempts if t0 <= a.ended < t1)
 
     def report(self) -> dict:
         return {
             "keys": len(self.records),
             "acknowledged": len(self.acked()),
-            "refused": sum(1 for r in self.records.values() if r.final not in (None, "OK")),
+            "refused": sum(1 for r in list(self.records.values()) if r.final not in (None, "OK")),
             "unsettled": len(self.unsettled()),
             "codes": dict(self.codes),
         }
