@@ -38,7 +38,7 @@ def test_a_settlement_file_record_by_record():
 
 
 def test_parse_reads_back_what_was_written():
-    payments = [aba.Payment("062-001", f"{n:08d}", f"Club {n}", n * 1_000, f"SET-{n:04d}-XXXX-YYYY") for n in range(1, 8)]
+    payments = [aba.Payment("062-001", f"{n:08d}", f"Club {n}", n * 1_000, f"SET-7KQ3-M9ZT-{n:04d}") for n in range(1, 8)]
     parsed = aba.parse(aba.settlement_file(FEDERATION, payments, date(2027, 1, 5), "STL ABC"))
     d = parsed.descriptive
     assert (d.reel, d.bank, d.user_name, d.user_id, d.description, d.process_date) == (
