@@ -16,7 +16,7 @@ from server import metrics
 from server.api import convert, responses
 from server.api.base import ApiBase, M
 from server.domain.errors import DomainError, InsufficientFunds
-from server.ledger import idempotency
+from server.ledger import green, idempotency
 from server.ledger.balance_reads import BalanceReader
 from server.services import accounts, adjust, auto_top_up, card_pay, pay, statements, transfer
 from server.services.group_commit import GroupCommit
@@ -28,8 +28,10 @@ log = logging.getLogger("payments.ledger")
 class LedgerApi(ApiBase):
     def __init__(self, settings, db, executor):  # noqa: ANN001
         super().__init__(settings, db, executor)
-        self.pay_group = GroupCommit(db, self.in_thread, "Pay", on_group=metrics.observe_group_size)
-        self.transfer_group = GroupCommit(db, self.in_thread, "Transfer", on_group=metrics.observe_group_size)
+        # a group's unit of work runs on the event loop (server.ledger.green), not in a database thread
+        green.install()
+        self.pay_group = GroupCommit(db, green.on_loop, "Pay", on_group=metrics.observe_group_size)
+        self.transfer_group = GroupCommit(db, green.on_loop, "Transfer", on_group=metrics.observe_group_size)
         self.balance_reader = BalanceReader(db)
 
     def close(self) -> None:

@@ -30,7 +30,7 @@ from sqlalchemy import Connection
 
 from server.domain.errors import DomainError, FailedPrecondition, InsufficientFunds, NotFound
 from server.domain.types import AccountKind, EventKind, PostingType, lock_rank, split_account_id
-from server.ledger.db import EVENTS_WRITTEN, before_commit, unit_state
+from server.ledger.db import EVENTS_WRITTEN, before_commit, commit_with, unit_state
 
 _REF_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"  # Crockford base32: no I, L, O, U
 _REF_PREFIX = {
@@ -102,64 +102,72 @@ class AccountBusy(DomainError):
 
 Outcome = Booked | DomainError
 
-_LOCK = ("SELECT id, balance_cents FROM accounts WHERE id = ANY(%(ids)s) "
-         "ORDER BY kind, ext_id FOR UPDATE")
-_LOCK_SKIPPING = _LOCK + " SKIP LOCKED"
+# Locks every account, then (once all are held) reads the clock and draws the transactions' ids: a
+# transaction booked after another on the same account has a later stamp and a higher id.
+_LOCK = """
+SELECT coalesce(array_agg(l.id), '{}'), coalesce(array_agg(l.balance_cents), '{}'), clock_timestamp(),
+       ARRAY(SELECT nextval(pg_get_serial_sequence('transactions', 'id')) FROM generate_series(1, %(n)s))
+FROM (SELECT id, balance_cents FROM accounts WHERE id = ANY(%(ids)s) ORDER BY kind, ext_id FOR UPDATE<skip>) l
+"""
+_LOCK_WAITING, _LOCK_SKIPPING = _LOCK.replace("<skip>", ""), _LOCK.replace("<skip>", " SKIP LOCKED")
 _EXISTING = "SELECT id FROM accounts WHERE id = ANY(%(ids)s)"
 _CREATE = ("INSERT INTO accounts (id, kind, ext_id, name, balance_cents, created_at) "
            "SELECT a.id, a.id %% 4, a.id / 4, '', 0, clock_timestamp() FROM unnest(%(ids)s::bigint[]) AS a(id) "
            "ORDER BY a.id %% 4, a.id / 4 ON CONFLICT (id) DO NOTHING")
 # The values go as three JSON arrays of rows (one literal each: cheap to send and to parse, whatever N
-# is); each transaction takes its id from the sequence here, and its postings refer to it by position.
+# is); each transaction row carries the id and the stamp its lock drew, and its postings refer to it by
+# that id. The statement checks what it wrote (`ledger_expect`): it may be sent with the COMMIT.
 _WRITE = """
-WITH t AS MATERIALIZED (SELECT clock_timestamp() AS at),
-tx_rows AS MATERIALIZED (
-  SELECT e.n, nextval(pg_get_serial_sequence('transactions', 'id')) AS id, e.r
-  FROM jsonb_array_elements(%(transactions)s::jsonb) WITH ORDINALITY AS e(r, n)),
+WITH tx_rows AS MATERIALIZED (
+  SELECT (e.r->>0)::bigint AS id, (e.r->>1)::timestamptz AS at, e.r
+  FROM jsonb_array_elements(%(transactions)s::jsonb) AS e(r)),
 balance AS (
-  UPDATE accounts a SET balance_cents = (v.r->>1)::bigint, last_movement_at = t.at
-  FROM jsonb_array_elements(%(balances)s::jsonb) AS v(r), t
+  UPDATE accounts a SET balance_cents = (v.r->>1)::bigint, last_movement_at = (v.r->>2)::timestamptz
+  FROM jsonb_array_elements(%(balances)s::jsonb) AS v(r)
   WHERE a.id = (v.r->>0)::bigint RETURNING 1),
 tx AS (
   INSERT INTO transactions (id, reference, type, description, principal, payment_id, batch_id, event_id, session_id,
                             created_at)
-  SELECT x.id, x.r->>0, x.r->>1, x.r->>2, x.r->>3, x.r->>4, x.r->>5, (x.r->>6)::bigint, (x.r->>7)::bigint, t.at
-  FROM tx_rows x, t RETURNING 1),
+  SELECT x.id, x.r->>2, x.r->>3, x.r->>4, x.r->>5, x.r->>6, x.r->>7, (x.r->>8)::bigint, (x.r->>9)::bigint, x.at
+  FROM tx_rows x RETURNING 1),
 posted AS (
   INSERT INTO postings (transaction_id, account_id, amount_cents, balance_after_cents, counterparty_account_id,
                         reference, type, description, payment_id, event_id, session_id, created_at)
   SELECT x.id, (p.r->>1)::bigint, (p.r->>2)::bigint, (p.r->>3)::bigint, (p.r->>4)::bigint,
-         (x.r->>0) || (p.r->>5), x.r->>1, x.r->>2, x.r->>4, (x.r->>6)::bigint, (x.r->>7)::bigint, t.at
+         (x.r->>2) || (p.r->>5), x.r->>3, x.r->>4, x.r->>6, (x.r->>8)::bigint, (x.r->>9)::bigint, x.at
   FROM jsonb_array_elements(%(postings)s::jsonb) WITH ORDINALITY AS p(r, n)
-  JOIN tx_rows x ON x.n = (p.r->>0)::bigint
-  CROSS JOIN t
+  JOIN tx_rows x ON x.id = (p.r->>0)::bigint
   ORDER BY p.n
   RETURNING 1),
 day_totals AS (
   INSERT INTO account_day_totals AS d (account_id, day, type, amount_cents, count, in_cents, out_cents)
-  SELECT (p.r->>1)::bigint, (t.at AT TIME ZONE 'UTC')::date, x.r->>1, sum((p.r->>2)::bigint), count(*),
+  SELECT (p.r->>1)::bigint, (x.at AT TIME ZONE 'UTC')::date, x.r->>3, sum((p.r->>2)::bigint), count(*),
          sum(greatest((p.r->>2)::bigint, 0)), sum(greatest(-(p.r->>2)::bigint, 0))
   FROM jsonb_array_elements(%(postings)s::jsonb) AS p(r)
-  JOIN tx_rows x ON x.n = (p.r->>0)::bigint
-  CROSS JOIN t
+  JOIN tx_rows x ON x.id = (p.r->>0)::bigint
   WHERE (p.r->>1)::bigint %% 4 = 2
   GROUP BY 1, 2, 3
   ON CONFLICT (account_id, day, type) DO UPDATE SET amount_cents = d.amount_cents + excluded.amount_cents,
     count = d.count + excluded.count, in_cents = d.in_cents + excluded.in_cents,
     out_cents = d.out_cents + excluded.out_cents
   RETURNING 1)
-SELECT t.at, (SELECT array_agg(id ORDER BY n) FROM tx_rows), (SELECT count(*) FROM tx),
-       (SELECT count(*) FROM posted), (SELECT count(*) FROM balance), (SELECT count(*) FROM day_totals)
-FROM t
+SELECT ledger_expect((SELECT count(*) FROM tx) = %(n_transactions)s
+                     AND (SELECT count(*) FROM posted) = %(n_postings)s
+                     AND (SELECT count(*) FROM balance) = %(n_balances)s
+                     AND (SELECT count(*) FROM day_totals) >= 0,
+                     'every transaction, posting and balance is written')
 """
 
 
-def post(conn: Connection, transactions: Sequence[NewTransaction], *, skip_locked: bool = False) -> list[Outcome]:
-    """Book each transaction in order, in this unit of work: its `Booked`, or why it was refused."""
+def post(conn: Connection, transactions: Sequence[NewTransaction], *, skip_locked: bool = False,
+         write_at_commit: bool = False) -> list[Outcome]:
+    """Book each transaction in order, in this unit of work: its `Booked`, or why it was refused.
+    `write_at_commit`: the rows are written with the unit's other buffered writes just before it
+    commits (one round trip for all of them) rather than now; the unit must not read them meanwhile."""
     for txn in transactions:
         txn.check()
     ids = sorted({leg.account_id for txn in transactions for leg in txn.legs}, key=lock_rank)
-    balances = _lock(conn, ids, skip_locked)
+    balances, at, tx_ids = _lock(conn, ids, skip_locked, len(transactions))
     unavailable, new = _absent(conn, [acct_id for acct_id in ids if acct_id not in balances])
     balances.update(dict.fromkeys(new, 0))  # an account that does not exist yet holds 0
     outcomes: list[Outcome] = []
@@ -174,13 +182,22 @@ def post(conn: Connection, transactions: Sequence[NewTransaction], *, skip_locke
     needed = [acct_id for acct_id in new if any(acct_id in after for _, _, after in accepted)]
     if needed:
         conn.exec_driver_sql(_CREATE, {"ids": needed})
-        if _lock(conn, needed, skip_locked) != dict.fromkeys(needed, 0):
+        created, at, _ = _lock(conn, needed, skip_locked, 0)
+        if created != dict.fromkeys(needed, 0):
             # another request created one of them meanwhile and it moved, or it is busy: decide again
             # on what is there now (they exist now, so this happens once)
-            return post(conn, transactions, skip_locked=skip_locked)
-    if accepted:
-        for n, booked in _write(conn, accepted, balances):
-            outcomes[n] = booked
+            return post(conn, transactions, skip_locked=skip_locked, write_at_commit=write_at_commit)
+    booked = []
+    for (n, txn, after), tx_id in zip(accepted, tx_ids, strict=False):
+        outcomes[n] = Booked(tx_id, txn.reference or new_reference(txn.type), at, dict(after))
+        booked.append((txn, outcomes[n]))
+    if booked:
+        rows = unit_state(conn).setdefault(_MONEY, _MoneyRows())
+        rows.add(booked)
+        if write_at_commit:
+            before_commit(conn, "ledger-writes", _flush)
+        else:
+            _flush_money(conn)
     return outcomes
 
 
@@ -192,9 +209,12 @@ def book(conn: Connection, txn: NewTransaction) -> Booked:
     return outcome
 
 
-def _lock(conn: Connection, ids: list[int], skip_locked: bool) -> dict[int, int]:
-    rows = conn.exec_driver_sql(_LOCK_SKIPPING if skip_locked else _LOCK, {"ids": ids}).fetchall()
-    return {acct_id: balance for acct_id, balance in rows}
+def _lock(conn: Connection, ids: list[int], skip_locked: bool, n_transactions: int
+          ) -> tuple[dict[int, int], datetime, list[int]]:
+    """Lock `ids` (those free, skipping), then read the clock and draw `n_transactions` ids."""
+    locked, balances, at, tx_ids = conn.exec_driver_sql(_LOCK_SKIPPING if skip_locked else _LOCK_WAITING,
+                                                        {"ids": ids, "n": n_transactions}).one()
+    return dict(zip(locked, balances, strict=True)), at, tx_ids
 
 
 def _absent(conn: Connection, absent: list[int]) -> tuple[dict[int, DomainError], list[int]]:
@@ -237,26 +257,42 @@ def _decide(txn: NewTransaction, balances: dict[int, int], unavailable: dict[int
     return after
 
 
-def _write(conn: Connection, accepted: list[tuple[int, NewTransaction, dict[int, int]]],
-           balances: dict[int, int]) -> list[tuple[int, Booked]]:
-    transactions, postings_rows, touched, references = [], [], set(), []
-    for tx_number, (_, txn, after) in enumerate(accepted, start=1):
-        reference = txn.reference or new_reference(txn.type)
-        references.append(reference)
-        transactions.append((reference, txn.type.value, txn.description, txn.principal, txn.payment_id,
-                             txn.batch_id, txn.event_id, txn.session_id))
-        for index, leg in sorted(enumerate(txn.legs, start=1), key=lambda il: lock_rank(il[1].account_id)):
-            postings_rows.append((tx_number, leg.account_id, leg.amount_cents, after[leg.account_id],
-                                  leg.counterparty_account_id, f"-{index}"))
-            touched.add(leg.account_id)
-    acct_ids = sorted(touched, key=lock_rank)
-    params = {"transactions": json.dumps(transactions), "postings": json.dumps(postings_rows),
-              "balances": json.dumps([(acct_id, balances[acct_id]) for acct_id in acct_ids])}
-    at, tx_ids, n_tx, n_postings, n_balances, _ = conn.exec_driver_sql(_WRITE, params).one()
-    assert (n_tx, n_postings, n_balances) == (len(accepted), len(postings_rows), len(acct_ids)), \
-        "every transaction, posting and balance was written"
-    return [(n, Booked(tx_id, reference, at, dict(after)))
-            for (n, _, after), reference, tx_id in zip(accepted, references, tx_ids, strict=True)]
+class _MoneyRows:
+    """What `post` decided to write and has not written yet, as the write statement takes it."""
+
+    def __init__(self) -> None:
+        self.transactions: list[tuple] = []
+        self.postings: list[tuple] = []
+        self.balances: dict[int, tuple[int, str]] = {}  # account id -> (balance after, stamp): the last wins
+
+    def __len__(self) -> int:
+        return len(self.transactions)
+
+    def add(self, booked: list[tuple[NewTransaction, Booked]]) -> None:
+        for txn, done in booked:
+            at = done.created_at.isoformat()
+            self.transactions.append((done.transaction_id, at, done.reference, txn.type.value, txn.description,
+                                      txn.principal, txn.payment_id, txn.batch_id, txn.event_id, txn.session_id))
+            for index, leg in sorted(enumerate(txn.legs, start=1), key=lambda il: lock_rank(il[1].account_id)):
+                self.postings.append((done.transaction_id, leg.account_id, leg.amount_cents,
+                                      done.balances_after[leg.account_id], leg.counterparty_account_id, f"-{index}"))
+                self.balances[leg.account_id] = (done.balances_after[leg.account_id], at)
+
+    def statement(self) -> tuple[str, dict]:
+        acct_ids = sorted(self.balances, key=lock_rank)
+        return _WRITE, {
+            "transactions": json.dumps(self.transactions), "postings": json.dumps(self.postings),
+            "balances": json.dumps([(acct_id, *self.balances[acct_id]) for acct_id in acct_ids]),
+            "n_transactions": len(self.transactions), "n_postings": len(self.postings), "n_balances": len(acct_ids)}
+
+
+_MONEY = "money_rows"  # unit_state key: bookings decided and not yet written
+
+
+def _flush_money(conn: Connection) -> None:
+    rows = unit_state(conn).pop(_MONEY, None)
+    if rows is not None:
+        conn.exec_driver_sql(*rows.statement())
 
 
 def balance_of(conn: Connection, acct_id: int) -> int | None:
@@ -321,9 +357,16 @@ def record(conn: Connection, principal: str, key: str, method: str, request_hash
 
 
 def _flush(conn: Connection) -> None:
-    events = unit_state(conn).pop(_OUTBOX, None) or []
-    records = unit_state(conn).pop(_RECORDS, None) or []
+    """Write what this unit of work buffered (bookings, events, records) in one round trip; when it
+    is the unit's last write, the COMMIT goes with it (`db.commit_with`)."""
+    state = unit_state(conn)
+    money = state.pop(_MONEY, None)
+    events = state.pop(_OUTBOX, None) or []
+    records = state.pop(_RECORDS, None) or []
     statements, params = [], {}
+    if money is not None:
+        sql, params = money.statement()
+        statements.append(sql)
     if events:
         statements.append(_INSERT_EVENTS)
         params["events"] = json.dumps([[str(ev.kind), *(getattr(ev, name) for name in _EVENT_FIELDS[1:])]
@@ -332,4 +375,4 @@ def _flush(conn: Connection) -> None:
         statements.append(_INSERT_RECORDS)
         params["records"] = json.dumps(records)
     if statements:
-        conn.exec_driver_sql("; ".join(statements), params)
+        conn.exec_driver_sql("; ".join(statements) + commit_with(conn), params)

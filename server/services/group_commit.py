@@ -16,6 +16,11 @@ stays held longer, the group is booked again skipping busy accounts (`SKIP LOCKE
 groups of the next SKIP_FOR_S. The requests that need a busy account wait for it alone (holding no
 other row) and are booked alone, up to the lock timeout, so one busy account never holds up the others.
 Two requests with the same idempotency key never share a group: the second waits for the next.
+
+A group's unit of work runs on the event loop (`server.ledger.green`: the same blocking code, waiting
+for the database on the loop), in three round trips: BEGIN with the idempotency lookup, the locks,
+then the bookings, events and records written with the COMMIT (`Database.run(fold=True)`,
+`ledger.post(write_at_commit=True)`).
 """
 
 from __future__ import annotations
@@ -63,7 +68,7 @@ Outcome = Any  # a result, an idempotency.Replayed, or a DomainError
 
 
 def book_many(conn: Connection, requests: Sequence[BalanceRequest], *, skip_locked: bool = False,
-              lock_wait_ms: int | None = None) -> list[Outcome]:
+              lock_wait_ms: int | None = None, write_at_commit: bool = False) -> list[Outcome]:
     keyed = [(n, r.pending) for n, r in enumerate(requests) if r.pending is not None]
     outcomes: list[Outcome] = [None] * len(requests)
     # this unit of work waits at most lock_wait_ms for a row lock (said with the lookup: no round trip of its own)
@@ -74,7 +79,8 @@ def book_many(conn: Connection, requests: Sequence[BalanceRequest], *, skip_lock
     fresh = [(n, r) for n, (r, found) in enumerate(zip(requests, outcomes, strict=True)) if found is None]
     planned = [_plan(conn, r) for _, r in fresh]
     transactions = [p for p in planned if isinstance(p, NewTransaction)]
-    posted = iter(ledger.post(conn, transactions, skip_locked=skip_locked) if transactions else ())
+    posted = iter(ledger.post(conn, transactions, skip_locked=skip_locked, write_at_commit=write_at_commit)
+                  if transactions else ())
     for (n, request), plan in zip(fresh, planned, strict=True):
         result = plan
         if isinstance(plan, NewTransaction):
@@ -109,11 +115,11 @@ def _wait_for(conn: Connection, account_id: int) -> None:
 
 
 class GroupCommit:
-    def __init__(self, db: Database, in_thread: Callable[[Callable[[], Any]], Awaitable[Any]], name: str,
+    def __init__(self, db: Database, run: Callable[[Callable[[], Any]], Awaitable[Any]], name: str,
                  max_group: int = MAX_GROUP, on_group: Callable[[int], None] | None = None,
                  max_in_flight: int = GROUPS_IN_FLIGHT):
         self.db = db
-        self.in_thread = in_thread
+        self.run = run  # how blocking database work is run (server.ledger.green.on_loop: on the event loop)
         self.name = name
         self.max_group = max_group
         self.on_group = on_group  # told each group's size (metrics)
@@ -131,23 +137,25 @@ class GroupCommit:
             asyncio.get_running_loop().create_task(self._drain())
         outcome = await answer
         if isinstance(outcome, AccountBusy):  # booked again alone, once the busy account is free
-            await self.in_thread(lambda: self.db.run(lambda conn: _wait_for(conn, outcome.account_id)))
+            await self.run(lambda: self.db.run(lambda conn: _wait_for(conn, outcome.account_id)))
             outcome = await self.alone(request)
         return outcome
 
     async def alone(self, request: BalanceRequest) -> Any:
-        return (await self.in_thread(lambda: self._book([request], skip_locked=False)))[0]
+        return (await self.run(lambda: self._book([request], skip_locked=False)))[0]
 
     def _book(self, group: list[BalanceRequest], *, skip_locked: bool, lock_wait_ms: int | None = None) -> list[Any]:
+        # a group's unit is a few statements: its BEGIN goes with the first, its COMMIT with the one
+        # write of its bookings, events and records (three round trips in all)
         def unit(conn: Connection) -> list[Any]:
-            return book_many(conn, group, skip_locked=skip_locked, lock_wait_ms=lock_wait_ms)
+            return book_many(conn, group, skip_locked=skip_locked, lock_wait_ms=lock_wait_ms, write_at_commit=True)
 
         try:
-            return self.db.run(unit)
+            return self.db.run(unit, fold=True)
         except IntegrityError:
             # a request with the same key committed meanwhile elsewhere: the group rolled back
             # whole; once more, each request finds its stored result or books anew
-            return self.db.run(unit)
+            return self.db.run(unit, fold=True)
 
     def _book_group(self, group: list[BalanceRequest]) -> list[Any]:
         """A group waits briefly for rows others hold; when one stays held, it skips what is busy."""
@@ -187,7 +195,7 @@ class GroupCommit:
                     continue
                 started = time.perf_counter()
                 try:
-                    outcomes = await self.in_thread(lambda g=group: self._book_group([request for request, _, _ in g]))
+                    outcomes = await self.run(lambda g=group: self._book_group([request for request, _, _ in g]))
                 except Exception as exc:  # noqa: BLE001 - every request of the group is told
                     for _, answer, _ in group:
                         if not answer.done():
