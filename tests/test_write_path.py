@@ -127,6 +127,46 @@ def test_an_unbalanced_or_edited_posting_is_refused_by_the_schema(server, admin)
     check_invariants(server.db)
 
 
+def test_postings_that_refer_to_nothing_are_refused_and_what_they_refer_to_stays(server, admin):
+    admin.adjust(500, "opening", member_id=1)
+    member, counter = member_account(1), system_account(SystemAccount.ADJUSTMENTS)
+    insert = text(
+        "INSERT INTO postings (transaction_id, account_id, amount_cents, balance_after_cents, counterparty_account_id, "
+        "reference, type, description, created_at) VALUES (:t, :a, 5, 505, :ca, 'TST-2-1', 'MISCELLANEOUS', 'x', now()), "
+        "(:t, :c, -5, -5, :cc, 'TST-2-2', 'MISCELLANEOUS', 'x', now())")
+    nowhere = member_account(999)  # never used: no account row
+
+    def refused(statement, values: dict, message: str, pgcode: str = "23503") -> None:  # noqa: ANN001
+        savepoint = conn.begin_nested()
+        with pytest.raises(DBAPIError, match=message) as raised:
+            conn.execute(statement, values)
+        assert raised.value.orig.pgcode == pgcode  # foreign_key_violation, as the foreign keys answered
+        savepoint.rollback()
+
+    with server.db.engine.connect() as conn:  # one transaction, rolled back: the ledger is left as it was
+        txn_id = conn.execute(text(
+            "INSERT INTO transactions (reference, type, description, principal, created_at) "
+            "VALUES ('TST-2', 'MISCELLANEOUS', 'x', 'test', now()) RETURNING id")).scalar_one()
+        gone_txn = txn_id + 1000
+        refused(insert, {"t": gone_txn, "a": member, "c": counter, "ca": counter, "cc": member},
+                f"postings refer to transaction {gone_txn}, which does not exist")
+        refused(insert, {"t": txn_id, "a": nowhere, "c": counter, "ca": counter, "cc": nowhere},
+                f"postings refer to account {nowhere}, which does not exist")
+        refused(insert, {"t": txn_id, "a": member, "c": counter, "ca": nowhere, "cc": member},
+                f"postings refer to account {nowhere}, which does not exist")
+        conn.execute(insert, {"t": txn_id, "a": member, "c": counter, "ca": counter, "cc": None})  # all there
+        refused(text("DELETE FROM accounts WHERE id = :id"), {"id": member}, f"postings refer to account {member}: it")
+        refused(text("DELETE FROM accounts WHERE id = :id"), {"id": counter}, f"postings refer to account {counter}: it")
+        refused(text("DELETE FROM transactions WHERE id = :id"), {"id": txn_id},
+                f"postings refer to transaction {txn_id}: it stays")
+        refused(text("UPDATE transactions SET id = id + 1000 WHERE id = :id"), {"id": txn_id},
+                f"the id of transaction {txn_id} never changes")
+        refused(text("UPDATE accounts SET id = id + 4000, ext_id = ext_id + 1000 WHERE id = :id"), {"id": member},
+                f"the id of account {member} never changes")
+        conn.rollback()
+    check_invariants(server.db)
+
+
 def test_a_refused_request_through_the_server_creates_no_account(server, admin, app):
     admin.upsert_organisation(7, "Club")
     before = snapshot(server.db)

@@ -16,6 +16,10 @@ from server.services import fees, settle, summaries
 _FEE_FIELDS = ("settlement_fee_bp", "refund_fee_bp", "stripe_cost_per_transaction_cents", "stripe_cost_bp",
                "low_balance_limit_cents")
 
+# a settlement row's fields, each the proto field of the same name (read one by one: asdict's deep copy
+# took a third of a second for 10,000 rows)
+_SETTLEMENT_ROW_FIELDS = tuple(f.name for f in dataclasses.fields(settle.SettlementRow))
+
 _KINDS = {
     pb.ACCOUNT_KIND_UNSPECIFIED: None,
     pb.MEMBER: AccountKind.MEMBER,
@@ -41,7 +45,7 @@ def _settle_response(result: settle.SettleResult, aba_available: bool) -> pb.Set
     return pb.SettleResponse(
         batch_id=result.batch_id,
         dry_run=result.dry_run,
-        rows=[pb.SettlementRow(**dataclasses.asdict(row)) for row in result.rows],
+        rows=[pb.SettlementRow(**{name: getattr(row, name) for name in _SETTLEMENT_ROW_FIELDS}) for row in result.rows],
         total_gross_cents=result.total_gross_cents,
         total_fee_cents=result.total_fee_cents,
         total_gst_cents=result.total_gst_cents,

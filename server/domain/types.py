@@ -99,9 +99,9 @@ def split_account_id(acct_id: int) -> tuple[AccountKind, int]:
 def lock_rank(acct_id: int) -> tuple[int, int]:
     """The one order in which accounts are locked: members, then organisations, then system
     accounts, each by id. Every transaction that touches several accounts follows it, so two
-    transactions can never wait on each other (no deadlock)."""
-    kind, ext = split_account_id(acct_id)
-    return int(kind), ext
+    transactions can never wait on each other (no deadlock). The kind as a plain int: a write of
+    10,000 transactions ranks 80,000 ids, and making an AccountKind of each was a quarter of a second."""
+    return acct_id % 4, acct_id // 4
 
 
 class EventKind(enum.StrEnum):

@@ -78,11 +78,13 @@ postings = Table(
     "postings",
     metadata,
     Column("id", BigId, primary_key=True, autoincrement=True),
-    Column("transaction_id", BigInteger, ForeignKey("transactions.id"), nullable=False, index=True),
-    Column("account_id", BigInteger, ForeignKey("accounts.id"), nullable=False),
+    # transaction_id, account_id and counterparty_account_id refer to transactions and accounts: checked
+    # once per INSERT statement by the trigger postings_valid() (migration 0009), not by foreign keys
+    Column("transaction_id", BigInteger, nullable=False, index=True),
+    Column("account_id", BigInteger, nullable=False),
     Column("amount_cents", BigInteger, nullable=False),
     Column("balance_after_cents", BigInteger, nullable=False),
-    Column("counterparty_account_id", BigInteger, ForeignKey("accounts.id")),
+    Column("counterparty_account_id", BigInteger),
     Column("reference", String(40), nullable=False, unique=True),
     Column("type", String(24), nullable=False),
     Column("description", String(80), nullable=False),
