@@ -121,6 +121,8 @@ _WRITE = """
 WITH tx_rows AS MATERIALIZED (
   SELECT (e.r->>0)::bigint AS id, (e.r->>1)::timestamptz AS at, e.r
   FROM jsonb_array_elements(%(transactions)s::jsonb) AS e(r)),
+posting_rows AS MATERIALIZED (  -- sent and parsed once, read by the postings and by the day totals
+  SELECT p.n, p.r FROM jsonb_array_elements(%(postings)s::jsonb) WITH ORDINALITY AS p(r, n)),
 balance AS (
   UPDATE accounts a SET balance_cents = (v.r->>1)::bigint, last_movement_at = (v.r->>2)::timestamptz
   FROM jsonb_array_elements(%(balances)s::jsonb) AS v(r)
@@ -135,7 +137,7 @@ posted AS (
                         reference, type, description, payment_id, event_id, session_id, created_at)
   SELECT x.id, (p.r->>1)::bigint, (p.r->>2)::bigint, (p.r->>3)::bigint, (p.r->>4)::bigint,
          (x.r->>2) || (p.r->>5), x.r->>3, x.r->>4, x.r->>6, (x.r->>8)::bigint, (x.r->>9)::bigint, x.at
-  FROM jsonb_array_elements(%(postings)s::jsonb) WITH ORDINALITY AS p(r, n)
+  FROM posting_rows p
   JOIN tx_rows x ON x.id = (p.r->>0)::bigint
   ORDER BY p.n
   RETURNING 1),
@@ -143,7 +145,7 @@ day_totals AS (
   INSERT INTO account_day_totals AS d (account_id, day, type, amount_cents, count, in_cents, out_cents)
   SELECT (p.r->>1)::bigint, (x.at AT TIME ZONE 'UTC')::date, x.r->>3, sum((p.r->>2)::bigint), count(*),
          sum(greatest((p.r->>2)::bigint, 0)), sum(greatest(-(p.r->>2)::bigint, 0))
-  FROM jsonb_array_elements(%(postings)s::jsonb) AS p(r)
+  FROM posting_rows p
   JOIN tx_rows x ON x.id = (p.r->>0)::bigint
   WHERE (p.r->>1)::bigint %% 4 = 2
   GROUP BY 1, 2, 3

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Connection, select
+from sqlalchemy import BigInteger, Connection, any_, bindparam, select
 from sqlalchemy.dialects import postgresql
 
 from server.domain import aba
@@ -136,7 +136,9 @@ def _candidates(conn: Connection, organisation_ids: Sequence[int], lock: bool): 
         .order_by(accounts.c.id)
     )
     if organisation_ids:
-        query = query.where(organisations.c.organisation_id.in_(list(organisation_ids)))
+        # one array value, not one bound value per organisation (10,000 of them took 50 ms to render)
+        query = query.where(organisations.c.organisation_id == any_(
+            bindparam("organisation_ids", list(organisation_ids), type_=postgresql.ARRAY(BigInteger))))
     else:
         query = query.where(accounts.c.balance_cents > organisations.c.minimum_balance_cents)
     if lock:
@@ -265,35 +267,37 @@ def _transaction(principal: str, batch_id: str, row: SettlementRow) -> NewTransa
 _SETTLEMENT_COLUMNS = ("batch_id", "organisation_id", "transaction_id", "balance_cents", "minimum_balance_cents",
                        "gross_cents", "fee_bp", "fee_cents", "gst_cents", "net_cents", "fee_settings_version", "bsb",
                        "account_number", "created_at")
-# one statement for the whole batch, its rows as one JSON literal (10,000 clubs are one round trip)
+# one statement for the whole batch, its rows as one JSON literal of arrays in column order (10,000
+# clubs are one round trip; without the keys, half the text for PostgreSQL to parse)
 _INSERT_SETTLEMENTS = (
     f"INSERT INTO settlements ({', '.join(_SETTLEMENT_COLUMNS)}) SELECT "
-    + ", ".join(f"(s.r->>'{c}')::{settlements.c[c].type.compile(dialect=postgresql.dialect()).split('(')[0]}"
-                for c in _SETTLEMENT_COLUMNS)
+    + ", ".join(f"(s.r->>{i})::{settlements.c[c].type.compile(dialect=postgresql.dialect()).split('(')[0]}"
+                for i, c in enumerate(_SETTLEMENT_COLUMNS))
     + " FROM jsonb_array_elements(%(rows)s::jsonb) AS s(r)"
 )
 
 
-def _insert_settlements(conn: Connection, rows: list[dict]) -> None:
+def _insert_settlements(conn: Connection, rows: list[tuple]) -> None:
     conn.exec_driver_sql(_INSERT_SETTLEMENTS, {"rows": json.dumps(rows, default=str)})
 
 
-def _settlement_record(batch_id: str, fees: FeeSettings, row: SettlementRow, booked: Booked) -> dict:
-    return dict(
-        batch_id=batch_id,
-        organisation_id=row.organisation_id,
-        transaction_id=booked.transaction_id,
-        balance_cents=row.balance_cents,
-        minimum_balance_cents=row.minimum_balance_cents,
-        gross_cents=row.gross_cents,
-        fee_bp=row.fee_bp,
-        fee_cents=row.fee_cents,
-        gst_cents=row.gst_cents,
-        net_cents=row.net_cents,
-        fee_settings_version=fees.version or None,  # NULL: the built-in defaults applied
-        bsb=row.bsb,
-        account_number=row.account_number,
-        created_at=booked.created_at,
+def _settlement_record(batch_id: str, fees: FeeSettings, row: SettlementRow, booked: Booked) -> tuple:
+    """A settlements row, its values in _SETTLEMENT_COLUMNS order."""
+    return (
+        batch_id,
+        row.organisation_id,
+        booked.transaction_id,
+        row.balance_cents,
+        row.minimum_balance_cents,
+        row.gross_cents,
+        row.fee_bp,
+        row.fee_cents,
+        row.gst_cents,
+        row.net_cents,
+        fees.version or None,  # fee_settings_version; NULL: the built-in defaults applied
+        row.bsb,
+        row.account_number,
+        booked.created_at,
     )
 
 
