@@ -36,7 +36,8 @@ def snapshot(db: Database) -> Snapshot:
 def check_invariants(db: Database, *, negative_allowed: set[int] = frozenset()) -> None:  # type: ignore[assignment]
     """Money is conserved; each transaction's postings sum to zero; every balance equals the sum of
     its postings; balance-after chains add up per account; no member below zero unless allowed;
-    the organisations' day totals are exactly their postings'."""
+    the organisations' day totals are exactly their postings'; the balance totals per kind are the
+    accounts' own."""
     with db.engine.connect() as conn:
         kept = sorted(tuple(r) for r in conn.exec_driver_sql(
             "SELECT account_id, day, type, amount_cents, count, in_cents, out_cents FROM account_day_totals"))
@@ -44,12 +45,19 @@ def check_invariants(db: Database, *, negative_allowed: set[int] = frozenset()) 
             "SELECT account_id, (created_at AT TIME ZONE 'UTC')::date, type, sum(amount_cents), count(*), "
             "sum(greatest(amount_cents, 0)), sum(greatest(-amount_cents, 0)) FROM postings "
             "WHERE account_id %% 4 = 2 GROUP BY 1, 2, 3"))
+        totals_kept = sorted(tuple(r) for r in conn.exec_driver_sql(
+            "SELECT kind, sum(accounts), sum(nonzero), sum(total_cents) FROM balance_totals GROUP BY kind "
+            "HAVING sum(accounts) <> 0"))
+        totals_counted = sorted(tuple(r) for r in conn.exec_driver_sql(
+            "SELECT kind, count(*), count(*) FILTER (WHERE balance_cents <> 0), sum(balance_cents) FROM accounts "
+            "GROUP BY kind"))
         rows = conn.execute(select(accounts.c.id, accounts.c.kind, accounts.c.balance_cents)).all()
         posting_rows = conn.execute(
             select(postings.c.transaction_id, postings.c.account_id, postings.c.amount_cents,
                    postings.c.balance_after_cents).order_by(postings.c.created_at, postings.c.id)  # statement order
         ).all()
     assert kept == recomputed, "the day totals the write path keeps are the postings' own"
+    assert totals_kept == totals_counted, "the balance totals kept per kind are the accounts' own"
     assert sum(r.balance_cents for r in rows) == 0, "the sum of all balances is zero"
     by_txn: dict[int, int] = defaultdict(int)
     legs: dict[int, int] = defaultdict(int)

@@ -16,7 +16,14 @@ from sqlalchemy.exc import DBAPIError
 
 from cobalt.payments.v1 import payments_pb2 as pb
 from server.domain.errors import InsufficientFunds, NotFound
-from server.domain.types import PostingType, SystemAccount, member_account, organisation_account, system_account
+from server.domain.types import (
+    AccountKind,
+    PostingType,
+    SystemAccount,
+    member_account,
+    organisation_account,
+    system_account,
+)
 from server.ledger.ledger import AccountBusy, Booked, Leg, NewTransaction, post
 
 
@@ -174,3 +181,35 @@ def test_a_refused_request_through_the_server_creates_no_account(server, admin, 
         app.pay(42, 100, organisation_id=7)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert snapshot(server.db) == before
+
+
+def test_the_balance_totals_follow_every_write_and_fold_to_one_row_per_kind(server, admin, app):
+    """ListBalances' count and total come from `balance_totals`, kept by triggers as balances move:
+    right after Adjusts, Pays and a Transfer, and the same after the rows are folded."""
+    from server.services.summaries import fold_balance_totals, list_balances
+
+    admin.upsert_organisation(7, "Club")
+    for member in range(1, 6):
+        admin.adjust(1_000 * member, "opening", member_id=member)
+    app.pay(1, 1_000, organisation_id=7)  # member 1 to zero: no longer counted without include_zero
+    app.pay(2, 500, organisation_id=7)
+
+    def listed(kind: AccountKind | None, include_zero: bool) -> tuple[int, int]:
+        page = server.db.read(lambda conn: list_balances(conn, kind, 100, "", include_zero))
+        return page.count, page.total_cents
+
+    expected = {(None, False): (5, 15_000 - 1_000 - 500 + 1_500), (None, True): (6, 15_000),
+                (AccountKind.MEMBER, False): (4, 13_500), (AccountKind.MEMBER, True): (5, 13_500),
+                (AccountKind.ORGANISATION, True): (1, 1_500)}
+    for (kind, include_zero), want in expected.items():
+        assert listed(kind, include_zero) == want, (kind, include_zero)
+    check_invariants(server.db)
+    with server.db.engine.connect() as conn:
+        rows_before = conn.execute(text("SELECT count(*) FROM balance_totals")).scalar_one()
+    assert server.db.run(fold_balance_totals) == rows_before
+    with server.db.engine.connect() as conn:
+        kinds = conn.execute(text("SELECT count(*), count(DISTINCT kind) FROM balance_totals")).one()
+    assert kinds[0] == kinds[1], "one row per kind after a fold"
+    for (kind, include_zero), want in expected.items():
+        assert listed(kind, include_zero) == want, (kind, include_zero)
+    check_invariants(server.db)

@@ -3,7 +3,11 @@ interceptor refuses every other role with PERMISSION_DENIED)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
+
+import structlog
 
 from cobalt.payments.v1 import payments_pb2 as pb
 from server.api import convert
@@ -12,6 +16,8 @@ from server.domain.errors import InvalidArgument
 from server.domain.types import AccountKind
 from server.ledger import idempotency
 from server.services import fees, settle, summaries
+
+log = structlog.get_logger("payments.server")
 
 _FEE_FIELDS = ("settlement_fee_bp", "refund_fee_bp", "stripe_cost_per_transaction_cents", "stripe_cost_bp",
                "low_balance_limit_cents")
@@ -58,7 +64,35 @@ def _settle_response(result: settle.SettleResult, aba_available: bool) -> pb.Set
     )
 
 
+# How often this process folds the rows that keep the balance totals (ListBalances' count and total)
+BALANCE_TOTALS_FOLD_S = 5.0
+
+
 class AdminApi(ApiBase):
+    _folding: asyncio.Task | None = None
+
+    async def on_server_start(self) -> None:
+        await super().on_server_start()
+        self._folding = asyncio.create_task(self._fold_balance_totals_forever(), name="balance-totals-fold")
+
+    async def on_server_stop(self) -> None:
+        if self._folding is not None:
+            self._folding.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._folding
+            self._folding = None
+        await super().on_server_stop()
+
+    async def _fold_balance_totals_forever(self) -> None:
+        """Every few seconds, sum up the rows the writers added to the balance totals (one
+        statement; any number of processes may do it at once)."""
+        while True:
+            await asyncio.sleep(BALANCE_TOTALS_FOLD_S)
+            try:
+                await self.in_thread(lambda: self.db.run(summaries.fold_balance_totals))
+            except Exception as exc:  # noqa: BLE001 - the next round tries again; readers sum what is there
+                log.warning("balance totals not folded", error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+
     async def Settle(self, request: pb.SettleRequest, context) -> pb.SettleResponse:  # noqa: ANN001, N802
         expected: dict[int, int] = {}
         for item in request.expected_balances:

@@ -15,6 +15,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    Numeric,
     SmallInteger,
     String,
     Table,
@@ -249,4 +250,17 @@ account_day_totals = Table(
     Column("count", BigInteger, nullable=False),
     Column("in_cents", BigInteger, nullable=False),
     Column("out_cents", BigInteger, nullable=False),
+)
+
+
+# The count and the sum of the balances per kind of account (migration 0010): statement triggers on
+# accounts add a row for each statement's change; `balance_totals_fold()` sums them up now and then.
+balance_totals = Table(
+    "balance_totals",
+    metadata,
+    Column("id", BigInteger, primary_key=True),
+    Column("kind", SmallInteger, nullable=False),
+    Column("accounts", BigInteger, nullable=False),
+    Column("nonzero", BigInteger, nullable=False),
+    Column("total_cents", Numeric, nullable=False),
 )
