@@ -163,6 +163,8 @@ class BenchDatabase:
                 cur.execute("SELECT setval(pg_get_serial_sequence('postings', 'id'), (SELECT max(id) FROM postings))")
                 # the seed bypassed the write path: its day totals are computed from the postings
                 cur.execute("SELECT account_day_totals_rebuild()")
+                # and, with triggers off (replica), its balance totals from the accounts
+                cur.execute("SELECT balance_totals_rebuild()")
             conn.autocommit = True
             with conn.cursor() as cur:
                 for table in ("accounts", "transactions", "postings", "organisations"):

@@ -344,6 +344,16 @@ def _list_balances(db: BenchDatabase, stub, record, walks: int) -> None:  # noqa
             if not token:
                 break
     samples.stopped()
+    conn = db.connect()
+    try:
+        with conn.cursor() as cur:  # what the pages said over all pages is what the accounts hold
+            cur.execute("SELECT count(*), coalesce(sum(balance_cents), 0) FROM accounts WHERE kind IN (1, 2) "
+                        "AND balance_cents <> 0")
+            counted, total = cur.fetchone()
+    finally:
+        conn.close()
+    assert (count, res.total_cents) == (counted, total), \
+        f"ListBalances said {count} accounts holding {res.total_cents}; they are {counted} holding {total}"
     p50s = [sorted(times)[len(times) // 2] * 1000 for times in per_page]
     worst = max(range(len(p50s)), key=lambda i: p50s[i])
     sql_ms = _sql_p50_ms(
