@@ -1,4 +1,4 @@
-"""The event stream through gRPC (SPEC §6), on SQLite and PostgreSQL: what each movement emits,
+"""The event stream through gRPC (SPEC §6), on PostgreSQL: what each movement emits,
 filters, replay from a cursor, Ack and resume, rollbacks, slow consumers, retention."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Every RPC of the balance path through a real gRPC channel, on SQLite and PostgreSQL."""
+"""Every RPC of the balance path through a real gRPC channel, on PostgreSQL."""
 
 from __future__ import annotations
 

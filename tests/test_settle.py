@@ -1,4 +1,4 @@
-"""Settle through gRPC on SQLite and PostgreSQL: dry run, real run, idempotency, re-checks under
+"""Settle through gRPC on PostgreSQL: dry run, real run, idempotency, re-checks under
 concurrency, and what it leaves in the ledger, the settlements table and the outbox."""
 
 from __future__ import annotations
