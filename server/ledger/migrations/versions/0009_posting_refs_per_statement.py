@@ -7,7 +7,7 @@ A posting refers to its transaction, its account and its counterparty. Three for
 those references row by row: three lookups and row locks per posting, about half a second of the
 write that books a settlement of 10,000 clubs (30,000 postings), and as much as the rest of the
 statement's indexes together. The same rule now holds once per statement, set-based:
-- `postings_valid()`, the statement-level trigger after an INSERT into postings (it replaces
+- `postings_valid()`, the statement-level trigger after rows are added to postings (it replaces
   `postings_balanced()` of 0003 and keeps its check: each transaction's postings sum to zero, with
   two or more of them), refuses postings whose transaction or account or counterparty does not
   exist (`foreign_key_violation`). The lookups go through the primary keys, one per distinct id

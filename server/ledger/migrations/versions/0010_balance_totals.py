@@ -9,7 +9,8 @@ hold in all. Counting and summing 100,000 accounts took about 10 ms of every fir
 statement-level triggers on `accounts` add one row per kind for what a statement changed (accounts
 added, accounts that now hold or no longer hold money, and the net change of their balances), so a
 writer only ever inserts (no shared row to wait for). `balance_totals_fold()` replaces the rows it
-sees by their sums per kind in one statement (the server does it every few seconds); a reader sums
+sees by their sums per kind in one statement (the server does it every few seconds, when
+there is more than one row for a kind); a reader sums
 the few rows left. `balance_totals_rebuild()` counts them again from `accounts` (for data loaded
 while nothing else writes).
 """
@@ -62,7 +63,10 @@ def upgrade() -> None:
                "FOR EACH STATEMENT EXECUTE FUNCTION balance_totals_track()")
     op.execute("""
         CREATE FUNCTION balance_totals_fold() RETURNS bigint LANGUAGE sql AS $$
-          WITH gone AS (DELETE FROM balance_totals RETURNING kind, accounts, nonzero, total_cents),
+          -- nothing to fold while there is one row per kind (an idle server writes nothing)
+          WITH gone AS (DELETE FROM balance_totals
+                        WHERE (SELECT count(*) FROM balance_totals) > (SELECT count(DISTINCT kind) FROM balance_totals)
+                        RETURNING kind, accounts, nonzero, total_cents),
           folded AS (
             INSERT INTO balance_totals (kind, accounts, nonzero, total_cents)
             SELECT kind, sum(accounts), sum(nonzero), sum(total_cents) FROM gone GROUP BY kind RETURNING 1)
